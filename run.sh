@@ -10,8 +10,8 @@ cd "$here"
 
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils bubblewrap busybox-static debootstrap dpkg-dev
-  libvirt-daemon-system libvirt-clients libvirt-dev libseccomp-dev
-  pkg-config gcc python3-venv python3-dev
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev libseccomp-dev
+  pkg-config gcc python3 python3-venv python3-dev procps kmod xz-utils
 )
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }
