@@ -1,0 +1,244 @@
+"""Launch a stock QEMU ``-machine x-remote`` process serving one PCI device on an inherited socket.
+
+This is the reference peer for interop tests, golden-vector recording and benchmarks: it spawns
+``qemu-system-x86_64 -machine x-remote -nodefaults -display none -device <dev>
+-object x-remote-object,id=…,devid=<id>,fd=N`` (the working recipe of protocol.md §6 and QEMU's
+``tests/avocado/multiprocess.py``), optionally with a QMP monitor on a listening UNIX socket, and
+captures stderr to a log file. It must not speak the mpqemu protocol itself (that is ProxySim's job)
+and must not be used by production code; the production launcher lives in ``confine/``.
+
+Typical use::
+
+    with StockRemote.pair("pci-testdev", workdir=tmp_path) as (remote, sock):
+        settle(remote)
+        ...talk mpqemu over ``sock``...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from mpqemu_mgmt.errors import ProcessFailed
+
+DEFAULT_QEMU = "qemu-system-x86_64"
+_ID_RE = re.compile(r"(?:^|,)id=([^,]+)")
+
+# protocol.md §4.x: 7.2 serves the socket before its initial machine reset; without a monitor to
+# ask, half a second is ample for that reset to have happened.
+SETTLE_SECONDS = 0.5
+
+
+def device_id(device: str) -> tuple[str, str]:
+    """Return ``(device_args, id)``, adding ``id=mpqdev0`` when the args carry no ``id=``.
+
+    ``x-remote-object`` finds its device by qdev id (hw/remote/remote-obj.c), so one is mandatory.
+    """
+    match = _ID_RE.search(device)
+    if match:
+        return device, match.group(1)
+    return f"{device},id=mpqdev0", "mpqdev0"
+
+
+class StockRemote:
+    """One stock x-remote process; owns the process, its log file and (optionally) its QMP path.
+
+    ``remote_fd`` is the remote end of a connected AF_UNIX SOCK_STREAM pair. It is inherited by the
+    child under the same number and the parent's copy is closed once the child runs, so the proxy
+    end sees EOF when QEMU exits.
+    """
+
+    def __init__(
+        self,
+        device: str,
+        remote_fd: int,
+        *,
+        workdir: Path,
+        qmp: bool = False,
+        qemu_binary: Sequence[str] | str = DEFAULT_QEMU,
+        extra_args: Sequence[str] = (),
+        name: str = "remote",
+    ) -> None:
+        self.device, self.devid = device_id(device)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{name}.log"
+        self.qmp_path: Path | None = self.workdir / f"{name}.qmp" if qmp else None
+        prefix = [qemu_binary] if isinstance(qemu_binary, str) else list(qemu_binary)
+        self.argv: list[str] = [
+            *prefix,
+            "-machine", "x-remote",
+            "-nodefaults",
+            "-display", "none",
+            "-device", self.device,
+            "-object", f"x-remote-object,id=robj-{self.devid},devid={self.devid},fd={remote_fd}",
+            *extra_args,
+        ]
+        if self.qmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.qmp_path.unlink()
+            self.argv += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log.write(f"# argv: {shlex.join(self.argv)}\n".encode())
+        self._log.flush()
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=self._log,
+                pass_fds=(remote_fd,),
+                close_fds=True,
+            )
+        except BaseException:
+            self._log.close()
+            raise
+        finally:
+            # The child holds its own copy now; ours would keep the peer from ever seeing EOF.
+            os.close(remote_fd)
+
+    @classmethod
+    @contextlib.contextmanager
+    def pair(
+        cls,
+        device: str = "pci-testdev",
+        *,
+        workdir: Path,
+        qmp: bool = False,
+        qemu_binary: Sequence[str] | str = DEFAULT_QEMU,
+        extra_args: Sequence[str] = (),
+        name: str = "remote",
+    ) -> Iterator[tuple[StockRemote, socket.socket]]:
+        """Make a socketpair, spawn the remote on one end and yield it with the proxy end."""
+        proxy_end, remote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            remote = cls(
+                device,
+                remote_end.detach(),
+                workdir=workdir,
+                qmp=qmp,
+                qemu_binary=qemu_binary,
+                extra_args=extra_args,
+                name=name,
+            )
+        except BaseException:
+            proxy_end.close()
+            raise
+        try:
+            yield remote, proxy_end
+        finally:
+            # Closing our end is the polite stop: 7.2 exits on EOF (protocol.md §3.7).
+            proxy_end.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                remote.wait(1.0)
+            remote.stop()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """Terminate, then kill, then reap; close the log. Returns the exit status. Idempotent."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit by itself (e.g. after the proxy end closed)."""
+        return self.proc.wait(timeout)
+
+    def __enter__(self) -> StockRemote:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- QMP (only a tiny synchronous client: enough to settle and to query) --------------------
+
+    def qmp_command(self, command: str, timeout: float = 5.0, **arguments: Any) -> Any:
+        """Run one QMP command on a fresh connection and return its ``return`` value."""
+        if self.qmp_path is None:
+            raise ProcessFailed("this remote was started without a QMP socket", pid=self.pid)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.settimeout(max(0.05, deadline - time.monotonic()))
+                conn.connect(str(self.qmp_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                conn.close()
+                if not self.alive() or time.monotonic() > deadline:
+                    raise ProcessFailed(
+                        "stock remote QMP socket never came up", pid=self.pid, log=str(self.log_path)
+                    ) from None
+                time.sleep(0.02)
+        with conn, conn.makefile("rwb") as stream:
+            try:
+                _read_reply(stream)  # greeting
+                for cmd, args in (("qmp_capabilities", {}), (command, arguments)):
+                    stream.write(json.dumps({"execute": cmd, "arguments": args}).encode() + b"\n")
+                    stream.flush()
+                    reply = _read_reply(stream)
+            except (OSError, ValueError) as exc:
+                raise ProcessFailed(f"QMP {command} failed: {exc}", pid=self.pid) from exc
+        if "error" in reply:
+            raise ProcessFailed(f"QMP {command} failed: {reply['error']}", pid=self.pid)
+        return reply["return"]
+
+
+def _read_reply(stream: Any) -> dict[str, Any]:
+    """Read lines until a greeting, a return or an error (events are skipped)."""
+    while True:
+        line = stream.readline()
+        if not line:
+            raise ValueError("QMP connection closed")
+        msg: dict[str, Any] = json.loads(line)
+        if "QMP" in msg or "return" in msg or "error" in msg:
+            return msg
+
+
+def settle(remote: StockRemote, timeout: float = 5.0) -> None:
+    """Wait out 7.2's start-up window (protocol.md §4.x) so config writes are not undone.
+
+    With QMP, an answered ``query-status`` proves the main loop runs, which 7.2 enters only after
+    the initial machine reset (softmmu/vl.c: qmp_x_exit_preconfig resets before main_loop). Without
+    QMP we can only wait a fixed time.
+    """
+    if not remote.alive():
+        raise ProcessFailed("stock remote exited during start-up", pid=remote.pid, log=remote.log_text())
+    if remote.qmp_path is not None:
+        remote.qmp_command("query-status", timeout=timeout)
+    else:
+        time.sleep(SETTLE_SECONDS)
+    if not remote.alive():
+        raise ProcessFailed("stock remote exited during start-up", pid=remote.pid, log=remote.log_text())
