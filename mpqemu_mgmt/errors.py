@@ -28,6 +28,7 @@ translate foreign exceptions with ``raise ... from exc``; cancellation (``asynci
     ├── OrchestrationError              exit 1  a plan step failed (after rollback)
     │   └── StepTimeout                         a step (QMP command, event wait) timed out
     ├── LibvirtError                    exit 1  libvirtd refused or failed a call
+    ├── GuestKitError                   exit 1  the test-guest kit could not fetch/build a kernel, initramfs or QEMU root
     └── ServiceError                    exit 1  the management service is unreachable or refused
 """
 
@@ -137,6 +138,10 @@ class LibvirtError(MpqemuError):
 
 class ServiceError(MpqemuError):
     pass
+
+
+class GuestKitError(MpqemuError):
+    """The test-guest kit (mpqemu_mgmt.guestkit) could not fetch or build one of its parts."""
 
 
 EXIT_OK = 0
