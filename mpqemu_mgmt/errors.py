@@ -28,7 +28,7 @@ translate foreign exceptions with ``raise ... from exc``; cancellation (``asynci
     ├── OrchestrationError              exit 1  a plan step failed (after rollback)
     │   └── StepTimeout                         a step (QMP command, event wait) timed out
     ├── LibvirtError                    exit 1  libvirtd refused or failed a call
-    ├── GuestKitError                   exit 1  the test-guest kit could not fetch/build a kernel, initramfs or QEMU root
+    ├── GuestKitError                   exit 1  test-guest kit: no kernel, initramfs or QEMU root
     └── ServiceError                    exit 1  the management service is unreachable or refused
 """
 
