@@ -20,7 +20,8 @@ translate foreign exceptions with ``raise ... from exc``; cancellation (``asynci
     │   ├── TruncatedMessage                    EOF or short read inside a message
     │   └── TooManyFds                          ancillary data truncated / over the fd limit
     ├── DeviceError                     exit 1  a device model refused an access (bad BAR, DMA range)
-    │   └── DmaError                            DMA outside guest RAM or not permitted
+    │   ├── DmaError                            DMA outside guest RAM or not permitted
+    │   └── VirtqueueError                      a guest broke the virtio ring contract (NEEDS_RESET)
     ├── ConfinementError                exit 4  a confinement layer could not be applied
     │   └── SeccompViolation                    a remote was killed by its seccomp filter
     ├── ProcessFailed                   exit 4  a remote or main QEMU process died or hung
@@ -106,6 +107,10 @@ class DeviceError(MpqemuError):
 
 class DmaError(DeviceError):
     pass
+
+
+class VirtqueueError(DeviceError):
+    """A guest broke the virtio ring contract; the device stops and sets NEEDS_RESET."""
 
 
 class ConfinementError(MpqemuError):
