@@ -183,7 +183,9 @@ def raw_request(command: int, payload: bytes, flags: int = 0, error: int = 0) ->
         (Command.REGION_WRITE_MULTI, struct.pack("<Q", 201), (), wire.EINVAL),
     ],
 )
-def test_invalid_requests_name_their_errno(command: int, payload: bytes, fds: tuple[int, ...], errno: int) -> None:
+def test_invalid_requests_name_their_errno(
+    command: int, payload: bytes, fds: tuple[int, ...], errno: int
+) -> None:
     header, body = raw_request(command, payload)
     with pytest.raises(InvalidMessage) as info:
         codec.decode_request(header, body, fds)
@@ -274,7 +276,7 @@ def test_endpoint_matches_dma_replies_by_id_and_drops_strays() -> None:
     ep = ServerEndpoint()
     ep.receive(*split(qemu_version_request()))
     msg_id, raw = ep.dma_read(0x1000, 4)
-    header, payload = split(raw)
+    header, _ = split(raw)
     assert header.command == Command.DMA_READ and len(raw) == 32
     reply = codec.encode(msg_id, m.DmaReadReply(0x1000, b"abcd"), reply=True)
     ev = ep.receive(*split(reply))
