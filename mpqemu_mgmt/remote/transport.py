@@ -23,7 +23,7 @@ import os
 import socket
 from typing import Literal
 
-from mpqemu_mgmt.errors import ProtocolError, TooManyFds
+from mpqemu_mgmt.errors import InvalidMessage, ProtocolError, TooManyFds, TruncatedMessage
 from mpqemu_mgmt.protocol import wire
 from mpqemu_mgmt.protocol.endpoint import (
     ConnectionClosed,
@@ -139,6 +139,37 @@ class Transport:
             close_message(ev.message)
             raise ProtocolError("proxy: unexpected message", cmd=int(ev.message.cmd))
         return ev
+
+    def read_raw_frame(self, max_payload: int = 1 << 20) -> tuple[bytes, FdBundle] | None:
+        """Read one frame without decoding it: ``(header + payload, fds)``; None on EOF at a boundary.
+
+        For relays and recorders that must pass traffic on byte for byte. Fds are accepted only
+        with header bytes, as mpqemu_msg_recv does.
+        """
+        buf = b""
+        fds: list[OwnedFd] = []
+        try:
+            while len(buf) < wire.HEADER_SIZE:
+                data, chunk_fds = self._recv_header_chunk(wire.HEADER_SIZE - len(buf))
+                fds.extend(chunk_fds)
+                if not data:
+                    if buf or fds:
+                        raise TruncatedMessage("Message header corrupted", buffered=len(buf))
+                    return None
+                buf += data
+            _, size = wire.HEADER.unpack(buf)
+            if size > max_payload:
+                raise InvalidMessage("Invalid size for message", size=size)
+            while len(buf) < wire.HEADER_SIZE + size:
+                data = self._recv_payload_chunk(wire.HEADER_SIZE + size - len(buf))
+                if not data:
+                    raise TruncatedMessage("Unable to read full message", buffered=len(buf))
+                buf += data
+        except BaseException:
+            for f in fds:
+                f.close()
+            raise
+        return buf, FdBundle(fds)
 
     # -- sending -------------------------------------------------------------------------------
 
