@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from mpqemu_mgmt.errors import HeartbeatTimeout, ProcessFailed
 
@@ -373,10 +374,45 @@ class QmpProbe:
                 await asyncio.wait_for(client.disconnect(), 1.0)
 
 
+class ChannelProbe:
+    """``query-status`` over a monitor connection someone else owns (the driver's channel).
+
+    A main QEMU's ``-qmp unix:...,server=on`` chardev serves one client at a time, and libvirt
+    owns its QEMU's monitor, so the main QEMU is probed over the driver's own channel (qemu.qmp
+    matches replies by id, so probes and plan steps can share it).
+    """
+
+    def __init__(self, execute: Callable[[str, float], Awaitable[object]], timeout: float) -> None:
+        self._execute = execute
+        self.timeout = timeout
+
+    async def probe(self) -> str:
+        from mpqemu_mgmt.errors import MpqemuError, StepTimeout
+
+        try:
+            reply = await asyncio.wait_for(self._execute("query-status", self.timeout), self.timeout + 0.5)
+        except (TimeoutError, StepTimeout) as exc:
+            raise HeartbeatTimeout("query-status timed out", timeout=self.timeout) from exc
+        except MpqemuError as exc:
+            raise ProcessFailed(f"monitor unusable: {exc.message}") from exc
+        if isinstance(reply, dict):
+            return str(reply.get("status", "unknown"))
+        return "unknown"
+
+    async def close(self) -> None:
+        return None
+
+
+class Probe(Protocol):
+    async def probe(self) -> str: ...
+
+    async def close(self) -> None: ...
+
+
 Reporter = Callable[[Observation], Awaitable[None] | None]
 
 
-async def probe_forever(probe: QmpProbe, interval: float, report: Reporter,
+async def probe_forever(probe: Probe, interval: float, report: Reporter,
                         clock: Callable[[], float] = time.monotonic) -> None:
     """Probe every ``interval`` seconds and report each result until cancelled."""
     try:

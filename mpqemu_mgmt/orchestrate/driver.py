@@ -1,0 +1,371 @@
+"""The drivers the management service calls: one guest lifecycle API, two ways to run the main QEMU.
+
+API (``GuestDriver``; every method is async and either completes or rolls back and raises an
+:class:`~mpqemu_mgmt.errors.MpqemuError`)::
+
+    start(spec) -> GuestRuntime             main QEMU paused, every remote + getfd + device_add, cont
+    attach(runtime, device_spec) -> RemoteRuntime     hot-plug one device (fresh confined remote)
+    detach(runtime, device_id) -> None      hot-unplug: DEVICE_DELETED waited (20 s × 8), remote stopped
+    reset(runtime, device_id | None)        None: system_reset (every remote gets DEVICE_RESET);
+                                            an id: hard reset = unplug, fresh remote, plug
+    stop(runtime, force=False) -> None      guest down (powerdown, or quit/destroy with force), remotes reaped
+    pause(runtime) / resume(runtime)
+    adopt(record) -> GuestRuntime           re-attach to a running guest from GuestRuntime.to_record()
+    refuse_migration(spec, action)          raises MigrationRefused for migrate/save/snapshot
+
+``GuestRuntime`` (orchestrate/runtime.py) exposes the main QEMU ``pid``, ``qmp_path`` (None under
+libvirt, which owns the monitor), ``console_log``, and ``remotes[device_id]`` → ``RemoteRuntime``
+(``pid``, ``pidfd``, ``qmp_path`` of the remote's own monitor, ``confinement``, ``log_path``,
+``placement``). ``runtime.spec`` always lists the devices plugged right now.
+
+* :class:`DirectDriver` runs ``qemu-system-x86_64`` itself (argv from qemu_argv.py): as an
+  unprivileged user (``run_as``), with ``-sandbox on,…``, QMP and the serial console log in the
+  guest's state directory, and talks QMP through :class:`QmpChannel`.
+* :class:`LibvirtDriver` defines the domain XML (designer.py) and starts it with
+  ``VIR_DOMAIN_START_PAUSED``, then plugs devices through :class:`LibvirtChannel`
+  (``qemuMonitorCommandWithFiles``); a non-local URI is refused before anything changes.
+
+Remotes are started by a :class:`RemoteLauncher` (default :class:`ProcessLauncher`; the confinement
+launcher plugs in through the same protocol). Tests pass ``before_step`` to inject failures.
+This module must not build XML or QMP by hand: plans come from plans.py, XML from the designer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, check_fd_passing
+from mpqemu_mgmt.errors import NotFoundError, OrchestrationError, ProcessFailed
+from mpqemu_mgmt.orchestrate import plans
+from mpqemu_mgmt.orchestrate.channel import LibvirtChannel, MonitorChannel, QmpChannel
+from mpqemu_mgmt.orchestrate.plans import Plan, Step
+from mpqemu_mgmt.orchestrate.processes import (
+    ProcessLauncher,
+    RemoteLauncher,
+    open_pidfd,
+    pid_alive,
+    prepare_dir,
+    resolve_user,
+    terminate,
+    wait_exit,
+    wait_for_socket,
+)
+from mpqemu_mgmt.orchestrate.qemu_argv import GuestPaths
+from mpqemu_mgmt.orchestrate.runner import Runner, RunReport, StepHook, close_quietly
+from mpqemu_mgmt.orchestrate.runtime import GuestRuntime, RemoteRuntime
+
+if TYPE_CHECKING:  # libvirt_host imports libvirt; the direct driver must work without it
+    from mpqemu_mgmt.domain.libvirt_host import LibvirtGuest, LibvirtHost
+
+__all__ = ["DirectDriver", "GuestDriver", "GuestRuntime", "LibvirtDriver", "RemoteRuntime"]
+
+
+class GuestDriver(Protocol):
+    name: str
+
+    async def start(self, spec: GuestSpec) -> GuestRuntime: ...
+
+    async def attach(self, runtime: GuestRuntime, device: DeviceSpec) -> RemoteRuntime: ...
+
+    async def detach(self, runtime: GuestRuntime, device_id: str) -> None: ...
+
+    async def reset(self, runtime: GuestRuntime, device_id: str | None = None) -> None: ...
+
+    async def stop(self, runtime: GuestRuntime, force: bool = False) -> None: ...
+
+    async def pause(self, runtime: GuestRuntime) -> None: ...
+
+    async def resume(self, runtime: GuestRuntime) -> None: ...
+
+    async def adopt(self, record: dict[str, object]) -> GuestRuntime: ...
+
+    def refuse_migration(self, spec: GuestSpec, action: str) -> None: ...
+
+
+class _BaseDriver:
+    name = "base"
+
+    def __init__(self, state_root: str | Path, *, launcher: RemoteLauncher | None = None,
+                 before_step: StepHook | None = None) -> None:
+        self.state_root = Path(state_root)
+        self.launcher: RemoteLauncher = launcher or ProcessLauncher()
+        self.before_step = before_step
+        self._channels: dict[str, MonitorChannel] = {}
+        self.last_report: RunReport | None = None
+
+    # -- hooks for subclasses --------------------------------------------------------------
+    async def _connect(self, runtime: GuestRuntime) -> MonitorChannel:
+        raise NotImplementedError
+
+    def _owner(self) -> tuple[int, int] | None:
+        return None
+
+    # -- shared lifecycle -------------------------------------------------------------------
+    def state_dir(self, spec: GuestSpec) -> str:
+        return str(self.state_root / spec.name)
+
+    def refuse_migration(self, spec: GuestSpec, action: str) -> None:
+        plans.refuse(spec, action)
+
+    def plan(self, runtime_or_spec: GuestRuntime | GuestSpec, action: str, **kw: object) -> Plan:
+        if isinstance(runtime_or_spec, GuestRuntime):
+            return plans.plan_for(runtime_or_spec.spec, action, state_dir=runtime_or_spec.state_dir,
+                                  placements=runtime_or_spec.placements(), **kw)  # type: ignore[arg-type]
+        return plans.plan_for(runtime_or_spec, action, state_dir=self.state_dir(runtime_or_spec),
+                              **kw)  # type: ignore[arg-type]
+
+    async def _run(self, runtime: GuestRuntime, plan: Plan, devices: dict[str, DeviceSpec],
+                   channel: MonitorChannel | None) -> Runner:
+        runner = Runner(runtime, self._vm_ops(), self.launcher, channel, devices,
+                        before_step=self.before_step)
+        self.last_report = await runner.run(plan)
+        return runner
+
+    def _vm_ops(self) -> _VmOps:
+        return _VmOps(self)
+
+    async def start(self, spec: GuestSpec) -> GuestRuntime:
+        check_fd_passing(spec)
+        state_dir = self.state_dir(spec)
+        prepare_dir(state_dir, self._owner())
+        paths = GuestPaths(state_dir)
+        runtime = GuestRuntime(spec=spec, driver=self.name, state_dir=state_dir, pid=0,
+                               qmp_path=paths.qmp if self.name == "direct" else None,
+                               console_log=paths.console)
+        plan = plans.plan_for(spec, "start", state_dir=state_dir)
+        runner = await self._run(runtime, plan, {d.id: d for d in spec.devices}, None)
+        assert runner.channel is not None
+        self._channels[spec.name] = runner.channel
+        return runtime
+
+    async def channel(self, runtime: GuestRuntime) -> MonitorChannel:
+        chan = self._channels.get(runtime.name)
+        if chan is None:
+            chan = await self._connect(runtime)
+            self._channels[runtime.name] = chan
+        return chan
+
+    async def attach(self, runtime: GuestRuntime, device: DeviceSpec) -> RemoteRuntime:
+        plan = self.plan(runtime, "attach", device=device)
+        devices = {d.id: d for d in runtime.spec.devices} | {device.id: device}
+        await self._run(runtime, plan, devices, await self.channel(runtime))
+        runtime.spec = runtime.spec.with_device(device)
+        return runtime.remotes[device.id]
+
+    async def detach(self, runtime: GuestRuntime, device_id: str) -> None:
+        plan = self.plan(runtime, "detach", device_id=device_id)
+        await self._run(runtime, plan, {d.id: d for d in runtime.spec.devices}, await self.channel(runtime))
+        runtime.spec = runtime.spec.without_device(device_id)
+
+    async def reset(self, runtime: GuestRuntime, device_id: str | None = None) -> None:
+        plan = self.plan(runtime, "reset", device_id=device_id)
+        try:
+            await self._run(runtime, plan, {d.id: d for d in runtime.spec.devices},
+                            await self.channel(runtime))
+        except Exception:
+            if device_id is not None and device_id not in runtime.remotes:
+                # The unplug half completed and the plug half rolled back: the device is gone.
+                runtime.spec = runtime.spec.without_device(device_id)
+            raise
+
+    async def pause(self, runtime: GuestRuntime) -> None:
+        await (await self.channel(runtime)).execute("stop", timeout=plans.QMP_TIMEOUT)
+
+    async def resume(self, runtime: GuestRuntime) -> None:
+        await (await self.channel(runtime)).execute("cont", timeout=plans.QMP_TIMEOUT)
+
+    async def stop(self, runtime: GuestRuntime, force: bool = False) -> None:
+        plan = self.plan(runtime, "stop", force=force)
+        channel: MonitorChannel | None = None
+        with contextlib.suppress(Exception):
+            channel = await self.channel(runtime)
+        try:
+            await self._run(runtime, plan, {d.id: d for d in runtime.spec.devices}, channel)
+        finally:
+            await close_quietly(self._channels.pop(runtime.name, None))
+            # Whatever happened above, no remote outlives its guest.
+            for remote in list(runtime.remotes.values()):
+                with contextlib.suppress(Exception):
+                    await self.launcher.stop(remote, timeout=0.0, force=True)
+            runtime.remotes.clear()
+            close_pidfd_main(runtime)
+
+    async def adopt(self, record: dict[str, object]) -> GuestRuntime:
+        runtime = GuestRuntime.from_record(dict(record))
+        for remote in runtime.remotes.values():
+            if pid_alive(remote.pid):
+                remote.pidfd = open_pidfd(remote.pid)
+        if runtime.pid and pid_alive(runtime.pid):
+            runtime.pidfd = open_pidfd(runtime.pid)
+        await self.channel(runtime)
+        return runtime
+
+    # -- main QEMU (called through _VmOps by the runner) ---------------------------------------
+    async def launch_vm(self, step: Step, runtime: GuestRuntime) -> MonitorChannel:
+        raise NotImplementedError
+
+    async def stop_vm(self, step: Step, runtime: GuestRuntime, channel: MonitorChannel | None) -> None:
+        raise NotImplementedError
+
+
+class _VmOps:
+    def __init__(self, driver: _BaseDriver) -> None:
+        self._driver = driver
+
+    async def launch_vm(self, step: Step, runtime: GuestRuntime) -> MonitorChannel:
+        return await self._driver.launch_vm(step, runtime)
+
+    async def stop_vm(self, step: Step, runtime: GuestRuntime, channel: MonitorChannel | None) -> None:
+        await self._driver.stop_vm(step, runtime, channel)
+
+
+def close_pidfd_main(runtime: GuestRuntime) -> None:
+    if runtime.pidfd is not None:
+        with contextlib.suppress(OSError):
+            os.close(runtime.pidfd)
+        runtime.pidfd = None
+
+
+class DirectDriver(_BaseDriver):
+    """The main QEMU is our child process, unprivileged, sandboxed, QMP on a socket we own."""
+
+    name = "direct"
+
+    def __init__(self, state_root: str | Path, *, run_as: str | None = "nobody",
+                 launcher: RemoteLauncher | None = None, before_step: StepHook | None = None) -> None:
+        super().__init__(state_root, launcher=launcher or ProcessLauncher(run_as), before_step=before_step)
+        self.run_as = run_as
+        self._user = resolve_user(run_as)
+
+    def _owner(self) -> tuple[int, int] | None:
+        return self._user
+
+    async def _connect(self, runtime: GuestRuntime) -> MonitorChannel:
+        if runtime.qmp_path is None:
+            raise NotFoundError(f"guest {runtime.name!r} has no QMP socket", guest=runtime.name)
+        return await QmpChannel.connect(runtime.qmp_path, timeout=5.0)
+
+    async def launch_vm(self, step: Step, runtime: GuestRuntime) -> MonitorChannel:
+        paths = GuestPaths(runtime.state_dir)
+        for stale in (paths.qmp,):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+        # QEMU opens the console log after dropping to run_as: create it for that user.
+        Path(paths.console).touch()
+        if self._user is not None:
+            os.chown(paths.console, *self._user)
+        kw: dict[str, object] = {}
+        if self._user is not None:
+            kw = {"user": self._user[0], "group": self._user[1], "extra_groups": []}
+        with open(f"{runtime.state_dir}/qemu.log", "ab") as log:
+            proc = subprocess.Popen(  # type: ignore[call-overload]
+                list(step.argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True, **kw)
+        runtime.pid = proc.pid
+        runtime.pidfd = open_pidfd(proc.pid)
+        try:
+            await wait_for_socket(paths.qmp, proc.pid, f"{runtime.state_dir}/qemu.log", step.timeout,
+                                  f"QEMU for {runtime.name}")
+            return await QmpChannel.connect(paths.qmp, timeout=step.timeout)
+        except BaseException:
+            await terminate(proc.pid, runtime.pidfd, grace=0.5)
+            close_pidfd_main(runtime)
+            raise
+
+    async def stop_vm(self, step: Step, runtime: GuestRuntime, channel: MonitorChannel | None) -> None:
+        pid = runtime.pid
+        if not step.force and channel is not None and pid_alive(pid):
+            with contextlib.suppress(Exception):
+                await channel.execute("system_powerdown", timeout=5.0)
+                await wait_exit(pid, runtime.pidfd, step.timeout)
+        if channel is not None and pid_alive(pid):
+            with contextlib.suppress(Exception):
+                await channel.execute("quit", timeout=5.0)
+        await close_quietly(channel)
+        self._channels.pop(runtime.name, None)
+        if not await wait_exit(pid, runtime.pidfd, 5.0):
+            await terminate(pid, runtime.pidfd, grace=2.0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(GuestPaths(runtime.state_dir).qmp)
+
+
+class LibvirtDriver(_BaseDriver):
+    """libvirtd runs the main QEMU; we define the domain, start it paused and plug through it."""
+
+    name = "libvirt"
+
+    def __init__(self, state_root: str | Path, *, launcher: RemoteLauncher | None = None,
+                 before_step: StepHook | None = None) -> None:
+        super().__init__(state_root, launcher=launcher, before_step=before_step)
+        from mpqemu_mgmt.domain.libvirt_host import LibvirtHost as host_cls
+
+        self._hosts: dict[str, LibvirtHost] = {}
+        self._host_cls = host_cls
+
+    def host(self, uri: str) -> LibvirtHost:
+        host = self._hosts.get(uri)
+        if host is None:
+            host = self._hosts[uri] = self._host_cls(uri)
+        return host
+
+    def _guest(self, runtime: GuestRuntime) -> LibvirtGuest:
+        guest = self.host(runtime.spec.uri).lookup(runtime.name)
+        if guest is None:
+            raise NotFoundError(f"libvirt has no domain {runtime.name!r}", guest=runtime.name)
+        return guest
+
+    async def _connect(self, runtime: GuestRuntime) -> MonitorChannel:
+        guest = await asyncio.to_thread(self._guest, runtime)
+        return LibvirtChannel(guest)
+
+    async def launch_vm(self, step: Step, runtime: GuestRuntime) -> MonitorChannel:
+        from mpqemu_mgmt.domain.designer import design
+
+        xml = design(runtime.spec, state_dir=runtime.state_dir).to_xml()
+        host = self.host(runtime.spec.uri)
+        guest = await asyncio.to_thread(host.define_validated, xml)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(guest.create_paused), step.timeout)
+            runtime.pid = guest.pid()
+            runtime.pidfd = open_pidfd(runtime.pid) if runtime.pid else None
+            return LibvirtChannel(guest)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(guest.destroy)
+            raise
+
+    async def stop_vm(self, step: Step, runtime: GuestRuntime, channel: MonitorChannel | None) -> None:
+        guest = await asyncio.to_thread(self._guest, runtime)
+        await close_quietly(channel)
+        self._channels.pop(runtime.name, None)
+        if not step.force and await asyncio.to_thread(guest.is_active):
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(guest.shutdown)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + step.timeout
+                while loop.time() < deadline and await asyncio.to_thread(guest.is_active):
+                    await asyncio.sleep(0.2)
+        await asyncio.to_thread(guest.destroy)
+        if runtime.pid and not await wait_exit(runtime.pid, runtime.pidfd, 10.0):
+            raise ProcessFailed(f"QEMU of {runtime.name} (pid {runtime.pid}) still running after destroy",
+                                pid=runtime.pid)
+
+    async def undefine(self, spec: GuestSpec) -> None:
+        guest = self.host(spec.uri).lookup(spec.name)
+        if guest is not None:
+            await asyncio.to_thread(guest.destroy)
+            await asyncio.to_thread(guest.undefine)
+
+
+def driver_for(spec: GuestSpec, state_root: str | Path, **kw: object) -> GuestDriver:
+    """The driver a spec asks for (``driver = "direct" | "libvirt"``)."""
+    if spec.driver == "libvirt":
+        return LibvirtDriver(state_root, **kw)  # type: ignore[arg-type]
+    if spec.driver == "direct":
+        return DirectDriver(state_root, **kw)  # type: ignore[arg-type]
+    raise OrchestrationError(f"unknown driver {spec.driver!r}")

@@ -1,0 +1,235 @@
+"""Process plumbing for the drivers: pidfd waits, signals, and the fallback remote launcher.
+
+:class:`RemoteLauncher` is what the runner needs to start and stop a remote device process.
+:class:`ProcessLauncher` is the plain implementation: a ``socketpair``, the remote's end inherited
+at exec (stock QEMU 7.2 crashed on a run-time ``object-add x-remote-object``, so the fd must be
+there at exec), the optional backing file opened here and passed as an fd, stdout/stderr to the
+device's log, an optional unprivileged uid, and a pidfd. ``confine/launcher.py`` (namespaces,
+seccomp, rlimits) plugs in through the same protocol. Must not talk QMP or decide policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mpqemu_mgmt.errors import ProcessFailed, StepTimeout
+from mpqemu_mgmt.orchestrate.qemu_argv import fill
+from mpqemu_mgmt.orchestrate.runtime import RemoteRuntime
+
+
+@dataclass
+class Spawned:
+    runtime: RemoteRuntime
+    #: Our end of the socketpair, for ``getfd``; the runner closes it once QEMU holds a copy.
+    proxy_end: socket.socket
+
+
+class RemoteLauncher(Protocol):
+    async def launch(self, device_id: str, argv: Sequence[str], *, qmp_path: str, log_path: str,
+                     backing: str | None, readonly: bool, timeout: float) -> Spawned: ...
+
+    async def stop(self, remote: RemoteRuntime, *, timeout: float, force: bool) -> None: ...
+
+
+def open_pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); treat it as gone.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def wait_exit(pid: int, pidfd: int | None, timeout: float) -> bool:
+    """True once ``pid`` has exited (reaping it if it is our child), False after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        with contextlib.suppress(ChildProcessError, OSError):
+            done, _status = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return True
+        if not pid_alive(pid):
+            return True
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        if pidfd is not None:
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(pidfd, _resolve, fut)
+            try:
+                await asyncio.wait_for(fut, min(left, 0.5))
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(pidfd)
+        else:
+            await asyncio.sleep(min(left, 0.02))
+
+
+async def terminate(pid: int, pidfd: int | None, *, grace: float) -> None:
+    """SIGTERM, wait ``grace``, then SIGKILL and wait; a process that is gone is fine."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if not pid_alive(pid):
+            await wait_exit(pid, pidfd, 0)
+            return
+        try:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, sig)
+            else:
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+        if await wait_exit(pid, pidfd, wait):
+            return
+    raise ProcessFailed(f"process {pid} survived SIGKILL", pid=pid)
+
+
+def close_pidfd(remote: RemoteRuntime) -> None:
+    if remote.pidfd is not None:
+        with contextlib.suppress(OSError):
+            os.close(remote.pidfd)
+        remote.pidfd = None
+
+
+def resolve_user(name: str | None) -> tuple[int, int] | None:
+    """(uid, gid) to run as, or None to stay as we are (not root, or no user given)."""
+    if name is None or os.geteuid() != 0:
+        return None
+    entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid
+
+
+def prepare_dir(path: str, owner: tuple[int, int] | None) -> None:
+    """The guest's state directory: ours, and writable by the unprivileged QEMU user."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    if owner is not None:
+        os.chown(path, owner[0], owner[1])
+    os.chmod(path, stat.S_IRWXU)
+
+
+def log_tail(path: str, lines: int = 5) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+async def wait_for_socket(path: str, pid: int, log_path: str, timeout: float, what: str) -> None:
+    """Until ``path`` is a socket; ProcessFailed if the process died, StepTimeout after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return
+        except FileNotFoundError:
+            pass
+        if not pid_alive(pid):
+            raise ProcessFailed(f"{what} (pid {pid}) exited during start: {log_tail(log_path)}",
+                                pid=pid, log=log_path)
+        if loop.time() >= deadline:
+            raise StepTimeout(f"{what} (pid {pid}) did not open {path} within {timeout:g} s", pid=pid)
+        await asyncio.sleep(0.005)
+
+
+class ProcessLauncher:
+    """socketpair + exec with the remote end inherited (no namespaces; see confine/launcher.py)."""
+
+    def __init__(self, run_as: str | None = None) -> None:
+        self._owner = resolve_user(run_as)
+
+    async def launch(self, device_id: str, argv: Sequence[str], *, qmp_path: str, log_path: str,
+                     backing: str | None, readonly: bool, timeout: float) -> Spawned:
+        proxy_end, remote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        keep = [remote_end.fileno()]
+        backing_fd: int | None = None
+        log = None
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            if backing is not None:
+                backing_fd = os.open(backing, os.O_RDONLY if readonly else os.O_RDWR)
+                keep.append(backing_fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(qmp_path)
+            full = fill(tuple(argv), fd=str(remote_end.fileno()), python=sys.executable,
+                        backing_fd=str(backing_fd if backing_fd is not None else -1))
+            log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+            kw: dict[str, object] = {}
+            if self._owner is not None:
+                kw = {"user": self._owner[0], "group": self._owner[1], "extra_groups": []}
+            proc = subprocess.Popen(  # type: ignore[call-overload]
+                full, pass_fds=keep, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, **kw)
+        except BaseException:
+            proxy_end.close()
+            raise
+        finally:
+            remote_end.close()
+            if backing_fd is not None:
+                os.close(backing_fd)
+            if log is not None:
+                log.close()
+        assert proc is not None
+        remote = RemoteRuntime(
+            device_id=device_id, pid=proc.pid, qmp_path=qmp_path, log_path=log_path, argv=tuple(full),
+            confinement={"seccomp": _seccomp_of(full), "namespaces": [],
+                         "uid": self._owner[0] if self._owner else os.geteuid()},
+            pidfd=open_pidfd(proc.pid),
+        )
+        try:
+            await wait_for_socket(qmp_path, proc.pid, log_path, timeout, f"remote {device_id}")
+        except BaseException:
+            proxy_end.close()
+            await terminate(proc.pid, remote.pidfd, grace=0.5)
+            close_pidfd(remote)
+            raise
+        return Spawned(remote, proxy_end)
+
+    async def stop(self, remote: RemoteRuntime, *, timeout: float, force: bool) -> None:
+        try:
+            if force or not await wait_exit(remote.pid, remote.pidfd, timeout):
+                await terminate(remote.pid, remote.pidfd, grace=1.0)
+        finally:
+            close_pidfd(remote)
+            with contextlib.suppress(OSError):
+                os.unlink(remote.qmp_path)
+
+
+def _seccomp_of(argv: Sequence[str]) -> str:
+    if "--seccomp" in argv:
+        return argv[list(argv).index("--seccomp") + 1]
+    return "qemu-sandbox" if "-sandbox" in argv else "off"
