@@ -7,6 +7,7 @@ Syntax (one entry per line, ``#`` starts a comment, a trailing ``\\`` continues 
     mmap: arg2 & PROT_EXEC == 0             # allow when the predicate holds
     clone: arg0 & CLONE_THREAD || arg0 == 0x11
     openat: return ENOENT                   # fail with an errno instead of killing
+    ioctl: arg1 == FIONBIO; return ENOTTY   # allow one request, fail the others
 
 A predicate is in disjunctive normal form (``||`` of ``&&`` of atoms). Atoms are
 ``argN OP VALUE`` with OP one of ``== != < <= > >=``, ``argN & MASK == VALUE`` (masked compare),
@@ -120,9 +121,16 @@ class Condition:
 
 @dataclass(frozen=True, slots=True)
 class Allow:
-    """Allow the syscall when any conjunction of ``alternatives`` holds (empty: always)."""
+    """Allow the syscall when any conjunction of ``alternatives`` holds (empty: always).
+
+    ``otherwise``: an errno returned when the predicate does not hold (minijail's
+    ``expr; return E``) instead of the filter's default action.
+    """
 
     alternatives: tuple[tuple[Condition, ...], ...] = ()
+    otherwise: int | None = None
+    #: the negated predicate, one conjunction, used for ``otherwise`` (libseccomp has no "else")
+    negated: tuple[Condition, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,9 +243,12 @@ def parse_predicate(text: str, *, source: str = "<policy>", line: int = 0) -> Ac
             raise PolicyError(f"unknown errno {code!r}", file=source, line=line)
         return Errno(number)
     if ";" in text:
-        # minijail's "expr; return E" is deliberately unsupported: libseccomp cannot express
-        # "else this errno" per syscall, and silently dropping it would widen the policy.
-        raise PolicyError("'expr; return ERRNO' is not supported", file=source, line=line)
+        expr, _, ret = text.partition(";")
+        otherwise = parse_predicate(ret, source=source, line=line)
+        allowed = parse_predicate(expr, source=source, line=line)
+        if not isinstance(otherwise, Errno) or not isinstance(allowed, Allow) or not allowed.alternatives:
+            raise PolicyError("expected 'predicate; return ERRNO'", file=source, line=line)
+        return Allow(allowed.alternatives, otherwise.errno, _negate(allowed.alternatives, source, line))
     alternatives: list[tuple[Condition, ...]] = []
     for disjunct in text.split("||"):
         atoms = tuple(_parse_atom(a.strip(), source, line) for a in disjunct.split("&&"))
@@ -248,6 +259,31 @@ def parse_predicate(text: str, *, source: str = "<policy>", line: int = 0) -> Ac
                               file=source, line=line)
         alternatives.append(atoms)
     return Allow(tuple(alternatives))
+
+
+_NEGATE = {"==": "!=", "!=": "==", "<": ">=", ">=": "<", ">": "<=", "<=": ">"}
+
+
+def _negate(alternatives: tuple[tuple[Condition, ...], ...], source: str, line: int) -> tuple[Condition, ...]:
+    """not (a || b || ...) as one conjunction: only when every alternative is one atom on a
+    distinct argument, because libseccomp compares each argument at most once per rule and has
+    no "else" branch. Anything else is refused rather than silently widened."""
+    out: list[Condition] = []
+    for conj in alternatives:
+        if len(conj) != 1:
+            raise PolicyError("'; return' needs a predicate of single atoms joined by '||'",
+                              file=source, line=line)
+        c = conj[0]
+        if c.op in _NEGATE:
+            out.append(Condition(c.arg, _NEGATE[c.op], c.value))
+        elif c.mask and not c.mask & (c.mask - 1):  # single-bit masked test: flip the bit
+            out.append(Condition(c.arg, "&=", c.mask ^ c.value, c.mask))
+        else:
+            raise PolicyError("'; return' cannot negate a multi-bit mask test", file=source, line=line)
+    if len({c.arg for c in out}) != len(out):
+        raise PolicyError("'; return' needs each '||' alternative on a different argument "
+                          "(libseccomp compares an argument once per rule)", file=source, line=line)
+    return tuple(out)
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:

@@ -95,6 +95,10 @@ def build_filter(policy: Policy, mode: SeccompMode) -> Any:
                     flt.add_rule(pyseccomp.ALLOW, nr)
                 for conj in action.alternatives:
                     flt.add_rule(pyseccomp.ALLOW, nr, *(_arg(c) for c in conj))
+                if action.otherwise is not None:
+                    act = int(pyseccomp.ERRNO(action.otherwise))
+                    if act != default:
+                        flt.add_rule(act, nr, *(_arg(c) for c in action.negated))
         except OSError as exc:
             raise PolicyError(f"libseccomp refused the rule for {entry.syscall}: {exc}",
                               file=entry.source, line=entry.line) from exc

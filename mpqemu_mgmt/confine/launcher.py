@@ -1,0 +1,370 @@
+"""Launch one remote device process, confined: the IO shell of ``mpqemu_mgmt.confine``.
+
+Order (confinement.md §8.1): the launcher makes the mpqemu socketpair and binds the remote's QMP
+listening socket (0600, at a path in the manager's state dir), opens the backing files, then
+spawns ``prlimit ... -- bwrap ... -- <remote argv>`` with exactly those fds (``pass_fds``), an
+empty environment, stdin from /dev/null and stdout/stderr to the log, as the dedicated
+unprivileged uid/gid (``subprocess`` drops them in C before exec, before bwrap makes the user
+namespace). Inside, the builtin remote calls :func:`~mpqemu_mgmt.confine.lockdown.lock_down`;
+a stock QEMU remote gets ``-sandbox``. bwrap's ``--info-fd`` reports the host pid of its pid-1
+reaper; the device process is that reaper's only child, and its host pid gets a pidfd. (Not
+``--as-pid-1``: a namespace's init ignores signals it has no handler for, so ``abort()`` would
+end in SIGSEGV and SIGTERM would be ignored; pid_namespaces(7).)
+
+Every fd the launcher opened is closed, and every process it started is killed, on every
+failure path. Must not decide policy (that is the profile) or build argv by hand (remote_argv,
+namespaces, credentials do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Literal
+
+import mpqemu_mgmt
+from mpqemu_mgmt.confine import credentials, namespaces, remote_argv, violations
+from mpqemu_mgmt.confine.profile import AppliedConfinement, ConfinementProfile, SeccompMode
+from mpqemu_mgmt.confine.seccomp_loader import syscall_name
+from mpqemu_mgmt.errors import ConfinementError, MpqemuError, ProcessFailed, SeccompViolation
+from mpqemu_mgmt.resources import data_dir
+
+Backend = Literal["builtin", "qemu"]
+
+#: exit status of a device killed by its seccomp filter, as bwrap reports it (128 + SIGSYS)
+SECCOMP_KILL_STATUS = 128 + signal.SIGSYS
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchRequest:
+    """One remote device process to start."""
+
+    device_id: str
+    model: str  # builtin model (pci-testdev, edu, virtio-blk) or a QEMU device driver
+    qmp_path: Path  # where the remote's QMP listening socket is bound (manager's state dir)
+    backend: Backend = "builtin"
+    transport: str = "mpqemu"
+    backing: tuple[Path, ...] = ()  # backing files, opened here and passed as fds
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_props: tuple[str, ...] = ()  # extra "key=value" properties of the QEMU -device
+    qemu_extra: tuple[str, ...] = ()  # extra QEMU arguments (checked: never a second device)
+    #: the Python module run for the builtin backend (tests run a probe with the same argv)
+    module: str = "mpqemu_mgmt.remote"
+    python: str = field(default_factory=lambda: sys.executable)
+    log_path: Path | None = None
+
+
+@dataclass(slots=True)
+class LaunchedRemote:
+    """A running confined remote. ``pid`` is the host pid of the device process itself."""
+
+    device_id: str
+    pid: int
+    pidfd: int
+    proxy: socket.socket  # the proxy end of the mpqemu socketpair (owned: give it to QEMU, close it)
+    qmp_path: Path
+    argv: list[str]
+    confinement: AppliedConfinement
+    wrapper: subprocess.Popen[bytes]
+    log_path: Path | None = None
+    _closed: bool = False
+
+    def poll(self) -> int | None:
+        """The wrapper's exit status (128+N for a device killed by signal N), or None."""
+        return self.wrapper.poll()
+
+    def wait(self, timeout: float | None = None) -> violations.ExitReport:
+        """Wait for the device to end; ProcessFailed on timeout."""
+        try:
+            rc = self.wrapper.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise ProcessFailed(f"remote {self.device_id} still running after {timeout}s",
+                                device=self.device_id, pid=self.pid) from exc
+        return violations.classify_exit(rc)
+
+    def check_exit(self, timeout: float | None = None) -> violations.ExitReport:
+        """Wait; raise SeccompViolation (naming the syscall when the audit log is readable)
+        for a seccomp kill, ProcessFailed for any other non-zero end."""
+        report = self.wait(timeout)
+        if report.seccomp:
+            raise seccomp_violation(self.device_id, self.pid)
+        if report.returncode != 0:
+            raise ProcessFailed(f"remote {self.device_id} exited with status {report.returncode}",
+                                device=self.device_id, pid=self.pid, returncode=report.returncode)
+        return report
+
+    def stop(self, timeout: float = 2.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; close every fd; unlink the QMP socket."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.wrapper.poll() is not None:
+                break
+            self._signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.wrapper.wait(timeout)
+        if self.wrapper.poll() is None:  # bwrap itself stuck: --die-with-parent covers the device
+            self.wrapper.kill()
+            self.wrapper.wait(timeout)
+        self.close()
+        rc = self.wrapper.returncode
+        assert rc is not None
+        return rc
+
+    def _signal(self, sig: int) -> None:
+        if self._closed:
+            return
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self.pidfd, sig)
+
+    def close(self) -> None:
+        """Release the launcher's handles (not the process)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+        self.proxy.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_path.unlink()
+
+    def status(self) -> dict[str, object]:
+        """The per-device part of ``status --format json`` this module knows (Contracts 4)."""
+        return {"id": self.device_id, "pid": self.pid, "confinement": self.confinement.to_dict()}
+
+
+def seccomp_violation(device_id: str, pid: int) -> SeccompViolation:
+    """The error for a seccomp kill of ``pid``, naming the syscall from the audit log if readable."""
+    records = violations.read_kmsg(pid)
+    if records is None:
+        return SeccompViolation(
+            f"remote {device_id} (pid {pid}) was killed by its seccomp filter; "
+            "the kernel log is not readable, so the syscall is unknown",
+            device=device_id, pid=pid, syscall=None)
+    kills = [r for r in records if r.action == violations.SECCOMP_RET_KILL_PROCESS] or records
+    if not kills:
+        return SeccompViolation(
+            f"remote {device_id} (pid {pid}) was killed by its seccomp filter; "
+            "no audit record found for it", device=device_id, pid=pid, syscall=None)
+    nr = kills[-1].syscall
+    name = syscall_name(nr)
+    return SeccompViolation(
+        f"remote {device_id} (pid {pid}) was killed by its seccomp filter: "
+        f"syscall {name} ({nr}) is not in its policy",
+        device=device_id, pid=pid, syscall=name, syscall_nr=nr)
+
+
+def _host_symlinks() -> tuple[tuple[str, str], ...]:
+    """The merged-/usr links of the host root (/bin → usr/bin ...), reproduced in the sandbox."""
+    links = []
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = Path("/") / name
+        if path.is_symlink():
+            links.append((os.readlink(path), str(path)))
+    return tuple(links)
+
+
+def _code_paths(request: LaunchRequest, profile: ConfinementProfile) -> tuple[str, ...]:
+    """Read-only host paths the remote needs: our package, the policies, the venv, ld.so.cache."""
+    paths: list[str] = []
+    if request.backend == "builtin":
+        package = Path(mpqemu_mgmt.__file__).resolve().parent
+        paths += [str(package), str(data_dir("policies").resolve()), str(Path(sys.prefix).resolve())]
+        python = Path(request.python)
+        paths.append(str(python.parent.resolve()) if not python.is_relative_to(sys.prefix) else "")
+    if Path("/etc/ld.so.cache").exists():  # ctypes.util.find_library (pyseccomp) runs ldconfig -p
+        paths.append("/etc/ld.so.cache")
+    paths += list(profile.ro_binds)
+    out: list[str] = []
+    for p in paths:
+        # /usr is already mounted; a path under it needs no second bind
+        if p and p not in out and not (p == "/usr" or p.startswith("/usr/")):
+            out.append(p)
+    return tuple(out)
+
+
+def _bind_qmp(path: Path) -> socket.socket:
+    """A listening AF_UNIX socket at ``path``, mode 0600 (only the manager connects by path)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)  # the socket is created 0600: no window where others can connect
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        listener.listen(4)
+    except OSError as exc:
+        listener.close()
+        raise ConfinementError(f"cannot bind the QMP socket {path}: {exc}", path=str(path)) from exc
+    return listener
+
+
+def _read_child_pid(fd: int, wrapper: subprocess.Popen[bytes], timeout: float) -> int:
+    """bwrap writes ``{"child-pid": N, ...}`` on --info-fd once the sandbox is set up."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ConfinementError(f"bwrap did not report the child pid within {timeout}s")
+        ready, _, _ = select.select([fd], [], [], min(remaining, 0.2))
+        if ready:
+            chunk = os.read(fd, 4096)
+            data += chunk
+            if not chunk or data.rstrip().endswith(b"}"):
+                break
+        elif wrapper.poll() is not None and not data:
+            break
+    try:
+        info = json.loads(data.decode() or "{}")
+        return int(info["child-pid"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfinementError(
+            f"bwrap failed before starting the remote (status {wrapper.poll()})") from exc
+
+
+def _child_of(reaper: int, wrapper: subprocess.Popen[bytes], timeout: float) -> int:
+    """The host pid of the one child of bwrap's reaper (the device), polling until it exists."""
+    deadline = time.monotonic() + timeout
+    children = Path(f"/proc/{reaper}/task/{reaper}/children")
+    while True:
+        try:
+            pids = children.read_text().split()
+        except OSError:
+            pids = []
+        if pids:
+            return int(pids[0])
+        if wrapper.poll() is not None:
+            raise ConfinementError(f"the remote ended during start-up (status {wrapper.returncode})")
+        if time.monotonic() > deadline:
+            raise ConfinementError(f"the remote did not start within {timeout}s")
+        time.sleep(0.002)
+
+
+def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemote:
+    """Start one confined remote device process; see the module docstring for the order."""
+    remote_argv.validate_id(request.device_id)
+    creds = credentials.resolve(profile)
+    owned: list[int] = []  # fds to close in the launcher whatever happens
+    proxy: socket.socket | None = None
+    wrapper: subprocess.Popen[bytes] | None = None
+    pidfd: int | None = None
+    info_r = -1
+    log: IO[bytes] | None = None
+    try:
+        proxy, remote = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        owned.append(remote.detach())
+        listener = _bind_qmp(request.qmp_path)
+        owned.append(listener.detach())
+        backing: list[int] = []
+        backing_ro: list[int] = []
+        for path in request.backing:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                owned.append(fd)
+                backing.append(fd)
+                if request.backend == "qemu":
+                    ro = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    owned.append(ro)
+                    backing_ro.append(ro)
+            except OSError as exc:
+                raise ConfinementError(f"cannot open backing file {path}: {exc.strerror}",
+                                       path=str(path)) from exc
+        fds = remote_argv.RemoteFds(owned[0], owned[1], tuple(backing), tuple(backing_ro))
+        if request.backend == "builtin":
+            inner = remote_argv.builtin_argv(request.python, request.module, request.model, fds,
+                                             seccomp=profile.seccomp.value, transport=request.transport)
+            seccomp_label = profile.seccomp.value
+        else:
+            inner = remote_argv.qemu_argv(request.qemu_binary, request.device_id, request.model, fds,
+                                          props=request.qemu_props, sandbox=profile.qemu_sandbox,
+                                          extra=request.qemu_extra)
+            seccomp_label = "qemu-sandbox"
+        limits = profile.rlimits
+        if request.backing:  # the backing file must stay writable up to its size (RLIMIT_FSIZE)
+            largest = max(os.fstat(fd).st_size for fd in backing)
+            if largest > limits.fsize:
+                limits = replace(limits, fsize=largest)
+        prlimit = shutil.which("prlimit") or "/usr/bin/prlimit"
+        argv = credentials.rlimit_argv(limits, prlimit)
+        if profile.namespaces:
+            info_r, info_w = os.pipe2(os.O_CLOEXEC)
+            owned.append(info_w)
+            sandbox = namespaces.Sandbox(ro_binds=_code_paths(request, profile),
+                                         symlinks=_host_symlinks())
+            bwrap = shutil.which(profile.bwrap) or profile.bwrap
+            argv += namespaces.bwrap_argv(bwrap, sandbox, inner, info_fd=info_w)
+        else:
+            argv += inner
+        if request.log_path is not None:
+            request.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(request.log_path, "ab")  # noqa: SIM115 - closed below, the child keeps its copy
+        out: IO[bytes] | int = log if log is not None else subprocess.DEVNULL
+        wrapper = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            pass_fds=tuple(owned), close_fds=True,
+            env={"PATH": "/usr/bin:/usr/sbin:/bin:/sbin"} if not profile.namespaces else {"PATH": "/usr/bin"},
+            cwd="/",
+            user=creds.uid if creds.drop else None,
+            group=creds.gid if creds.drop else None,
+            extra_groups=[] if creds.drop else None,
+            start_new_session=True,
+        )
+        for fd in owned:
+            os.close(fd)
+        owned.clear()
+        if profile.namespaces:
+            reaper = _read_child_pid(info_r, wrapper, profile.start_timeout)
+            pid = _child_of(reaper, wrapper, profile.start_timeout)
+        else:  # prlimit execs the remote in place: the wrapper pid is the device's
+            pid = wrapper.pid
+        pidfd = os.pidfd_open(pid)
+        ns = namespaces.NAMESPACES if profile.namespaces else ()
+        return LaunchedRemote(
+            device_id=request.device_id, pid=pid, pidfd=pidfd, proxy=proxy,
+            qmp_path=request.qmp_path, argv=argv,
+            confinement=AppliedConfinement(seccomp_label, ns, creds.uid),
+            wrapper=wrapper, log_path=request.log_path)
+    except BaseException as exc:
+        if wrapper is not None and wrapper.poll() is None:
+            wrapper.kill()  # bwrap's --die-with-parent takes the device with it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                wrapper.wait(5)
+        if pidfd is not None:
+            os.close(pidfd)
+        if proxy is not None:
+            proxy.close()
+        with contextlib.suppress(OSError):
+            request.qmp_path.unlink()
+        if isinstance(exc, MpqemuError | KeyboardInterrupt | SystemExit) or not isinstance(exc, Exception):
+            raise
+        raise ConfinementError(f"cannot launch remote {request.device_id}: {exc}",
+                               device=request.device_id) from exc
+    finally:
+        for fd in owned:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if info_r >= 0:
+            os.close(info_r)
+        if log is not None:
+            log.close()
+
+
+def unconfined_profile(mode: SeccompMode = SeccompMode.OFF) -> ConfinementProfile:
+    """No namespaces (and seccomp ``mode``): for benchmarks comparing with the confined path."""
+    return ConfinementProfile(seccomp=mode, namespaces=False)
