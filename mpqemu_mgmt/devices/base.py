@@ -9,12 +9,25 @@ the file object its host gives it. The same model therefore runs behind QEMU 7.2
 Accesses arrive already decoded: the host resolves the absolute guest address that the mpqemu
 proxy sends (hw/remote/proxy.c ``send_bar_access_msg``) to ``(bar index, offset)`` through the
 BARs the guest programmed, so a model only ever sees offsets inside one of its own BARs.
+
+How a host builds a model: ``catalogue.create(name, DeviceHost(...))`` calls the model class with
+one :class:`DeviceHost` that bundles everything the model may touch (guest memory, the INTx wire,
+timers, the backing file, a guest-error sink). The model keeps its config space in ``config`` (a
+:class:`~mpqemu_mgmt.pci.config.ConfigSpace`); hosts read ``config.windows`` through a
+:class:`~mpqemu_mgmt.pci.barmap.BarMap` to decode addresses. Time-driven behaviour (edu's DMA
+after 100 ms, its factorial worker) goes through :class:`Timers`, which the host runs between
+requests, so a model never sleeps or starts threads.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from mpqemu_mgmt.pci.config import ConfigSpace
 
 
 class GuestMemory(Protocol):
@@ -42,11 +55,71 @@ class IrqLine(Protocol):
     def set_level(self, level: bool) -> None: ...
 
 
+class Timers(Protocol):
+    """One-shot timers the host runs between requests (monotonic seconds)."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> object:
+        """Run ``callback`` once, ``delay`` seconds from now; returns a handle for :meth:`cancel`."""
+        ...
+
+    def cancel(self, handle: object) -> None: ...
+
+
+class _NoIrq:
+    def set_level(self, level: bool) -> None:
+        pass
+
+
+class _NoMemory:
+    def read(self, gpa: int, length: int) -> bytes:
+        from mpqemu_mgmt.errors import DmaError
+
+        raise DmaError("no guest memory", gpa=gpa, length=length)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.read(gpa, len(data))
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        self.read(gpa, length)
+        raise AssertionError("unreachable")
+
+
+class _ImmediateTimers:
+    """Fallback: run callbacks at once (a host without a timer loop, e.g. quick tests)."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> object:
+        callback()
+        return None
+
+    def cancel(self, handle: object) -> None:
+        pass
+
+
+def _ignore(message: str) -> None:
+    pass
+
+
+@dataclass
+class DeviceHost:
+    """Everything a model may touch, handed over by the host that serves it."""
+
+    memory: GuestMemory = field(default_factory=_NoMemory)
+    irq: IrqLine = field(default_factory=_NoIrq)
+    timers: Timers = field(default_factory=_ImmediateTimers)
+    #: the backing file (virtio-blk), opened by the host from ``--backing-fd``
+    backing: IO[bytes] | None = None
+    readonly: bool = False
+    #: where a model reports guest mistakes (QEMU's LOG_GUEST_ERROR); the host logs them
+    guest_error: Callable[[str], None] = _ignore
+
+
 class PciDeviceModel(abc.ABC):
     """One PCI function. Subclasses register themselves in the device catalogue by ``model``."""
 
     #: catalogue name, e.g. "edu" (Contracts 1: pci-testdev, edu, virtio-blk)
     model: str = ""
+    #: the function's config space; hosts decode BAR addresses from ``config.windows``
+    config: ConfigSpace
 
     @abc.abstractmethod
     def config_read(self, offset: int, size: int) -> int:
