@@ -1,0 +1,410 @@
+"""One split virtqueue (virtio 1.x §2.7 / legacy §2.7.x) over the GuestMemory protocol.
+
+The queue keeps only the device-side indices; the rings live in guest RAM and are read and
+written through :class:`~mpqemu_mgmt.devices.base.GuestMemory`. Work happens inside a
+:class:`RingSession` (``with queue.session(mem) as ring:``) that maps the ring once as a
+zero-copy view, pops descriptor chains as lists of zero-copy buffer views, pushes used
+elements and decides whether the driver must be interrupted. Every view a session hands out is
+released when it closes, so the host may remap guest RAM (SYNC_SYSMEM) between sessions.
+
+Guest mistakes (bad indices, loops, zero-length or out-of-RAM buffers, bad indirect tables)
+raise :class:`~mpqemu_mgmt.errors.VirtqueueError` and mark the queue broken, as QEMU's
+``virtio_error`` does; they never raise anything else and never touch memory outside guest RAM.
+
+This module must not do IO of its own, know about PCI, or know what the buffers mean.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from mpqemu_mgmt.devices.base import GuestMemory
+from mpqemu_mgmt.devices.virtio.constants import (
+    AVAIL_F_NO_INTERRUPT,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    DESC_SIZE,
+    USED_ELEM_SIZE,
+    VIRTQUEUE_MAX_SIZE,
+    VRING_ALIGN,
+)
+from mpqemu_mgmt.errors import DmaError, VirtqueueError
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+_BARRIER = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """A full memory fence between our used/avail_event stores and the next avail load.
+
+    Mirrors the ``smp_mb()`` in QEMU's ``virtio_queue_set_notification`` and
+    ``virtio_should_notify`` (hw/virtio/virtio.c): x86 may reorder a store before a later
+    load; a lock round trip is a locked instruction, which orders both.
+    """
+    _BARRIER.acquire()
+    _BARRIER.release()
+
+
+def legacy_ring_layout(desc_addr: int, num: int) -> tuple[int, int, int]:
+    """``(avail, used, total_bytes)`` of a legacy ring at ``desc_addr`` with ``num`` entries.
+
+    Mirrors ``virtio_queue_update_rings`` (hw/virtio/virtio.c): avail follows the descriptor
+    table, used starts at the next VIRTIO_PCI_VRING_ALIGN (4096) boundary after
+    ``avail.ring[num]``; ``total_bytes`` ends after ``used.avail_event``.
+    """
+    avail = desc_addr + DESC_SIZE * num
+    used = (avail + 4 + 2 * num + VRING_ALIGN - 1) & ~(VRING_ALIGN - 1)
+    end = used + 4 + USED_ELEM_SIZE * num + 2
+    return avail, used, end - desc_addr
+
+
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    """virtio_ring.h ``vring_need_event``: did ``new`` step past ``event`` since ``old``?"""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """One popped descriptor chain: ``head`` index and its buffers, in ring order.
+
+    ``readable`` are the driver-written buffers (QEMU's ``out_sg``), ``writable`` the
+    device-written ones (``in_sg``); each is a zero-copy view of guest RAM valid only until the
+    session closes.
+    """
+
+    head: int
+    readable: tuple[memoryview, ...]
+    writable: tuple[memoryview, ...]
+
+    @property
+    def readable_len(self) -> int:
+        return sum(v.nbytes for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(v.nbytes for v in self.writable)
+
+
+class _Ring:
+    """Accessors for the three ring areas, either over one view or through GuestMemory."""
+
+    def __init__(self, mem: GuestMemory, q: SplitQueue) -> None:
+        self._mem = mem
+        self._num = q.num
+        self._desc = q.desc_addr
+        self._avail = q.avail_addr
+        self._used = q.used_addr
+        self._view: memoryview | None = None
+        _, _, total = legacy_ring_layout(q.desc_addr, q.num) if q.legacy else (0, 0, 0)
+        if q.legacy:
+            try:
+                self._view = mem.view(q.desc_addr, total)
+            except DmaError:
+                # Part of the ring is outside RAM or straddles two regions: fall back to
+                # checked copies, which raise DmaError on the offending access only.
+                self._view = None
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+
+    def _u16(self, gpa: int) -> int:
+        if self._view is not None:
+            return int(_U16.unpack_from(self._view, gpa - self._desc)[0])
+        return int(_U16.unpack(self._mem.read(gpa, 2))[0])
+
+    def _put_u16(self, gpa: int, value: int) -> None:
+        if self._view is not None:
+            _U16.pack_into(self._view, gpa - self._desc, value & 0xFFFF)
+        else:
+            self._mem.write(gpa, _U16.pack(value & 0xFFFF))
+
+    def avail_flags(self) -> int:
+        return self._u16(self._avail)
+
+    def avail_idx(self) -> int:
+        return self._u16(self._avail + 2)
+
+    def avail_ring(self, slot: int) -> int:
+        return self._u16(self._avail + 4 + 2 * slot)
+
+    def used_event(self) -> int:
+        return self._u16(self._avail + 4 + 2 * self._num)
+
+    def set_avail_event(self, value: int) -> None:
+        self._put_u16(self._used + 4 + USED_ELEM_SIZE * self._num, value)
+
+    def desc(self, index: int) -> tuple[int, int, int, int]:
+        gpa = self._desc + DESC_SIZE * index
+        if self._view is not None:
+            a, ln, fl, nx = _DESC.unpack_from(self._view, gpa - self._desc)
+        else:
+            a, ln, fl, nx = _DESC.unpack(self._mem.read(gpa, DESC_SIZE))
+        return int(a), int(ln), int(fl), int(nx)
+
+    def put_used(self, slot: int, head: int, length: int) -> None:
+        gpa = self._used + 4 + USED_ELEM_SIZE * slot
+        if self._view is not None:
+            _USED_ELEM.pack_into(self._view, gpa - self._desc, head, length)
+        else:
+            self._mem.write(gpa, _USED_ELEM.pack(head, length))
+
+    def set_used_idx(self, value: int) -> None:
+        self._put_u16(self._used + 2, value)
+
+
+@dataclass
+class SplitQueue:
+    """Device-side state of one split virtqueue (QEMU ``VirtQueue``, split fields only)."""
+
+    #: queue size; legacy drivers cannot change it (QUEUE_NUM is read-only)
+    num: int
+    desc_addr: int = 0
+    avail_addr: int = 0
+    used_addr: int = 0
+    #: the ring was placed by the legacy PFN register (contiguous, 4 KiB aligned)
+    legacy: bool = True
+    last_avail_idx: int = 0
+    used_idx: int = 0
+    inuse: int = 0
+    signalled_used: int = 0
+    signalled_used_valid: bool = False
+    broken: bool = False
+    #: negotiated ring features, set by the transport when the driver acknowledges them
+    event_idx: bool = False
+    notify_on_empty: bool = False
+    #: why the queue broke, for status reports
+    error: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if self.num <= 0 or self.num & (self.num - 1) or self.num > 32768:
+            raise ValueError(f"queue size {self.num} is not a power of two in 1..32768")
+
+    @property
+    def ready(self) -> bool:
+        return self.desc_addr != 0
+
+    def reset(self) -> None:
+        """Mirrors ``__virtio_queue_reset`` (hw/virtio/virtio.c)."""
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.last_avail_idx = self.used_idx = self.inuse = 0
+        self.signalled_used = 0
+        self.signalled_used_valid = False
+        self.broken = False
+        self.error = ""
+
+    def set_legacy_address(self, desc_addr: int) -> None:
+        """Place the rings as the legacy PFN register does (``virtio_queue_set_addr``)."""
+        self.desc_addr = desc_addr
+        self.avail_addr, self.used_addr, _ = legacy_ring_layout(desc_addr, self.num)
+        self.legacy = True
+        # A new ring means the last signalled index means nothing any more.
+        self.signalled_used_valid = False
+
+    def session(self, mem: GuestMemory) -> RingSession:
+        return RingSession(self, mem)
+
+    def fail(self, reason: str) -> VirtqueueError:
+        """Mark the queue broken (``virtio_error``) and return the error to raise."""
+        self.broken = True
+        self.error = reason
+        return VirtqueueError(reason, last_avail_idx=self.last_avail_idx)
+
+
+class RingSession:
+    """One batch of work on a queue: pop chains, push used elements, decide on an interrupt."""
+
+    def __init__(self, queue: SplitQueue, mem: GuestMemory) -> None:
+        self.queue = queue
+        self._mem = mem
+        self._ring = _Ring(mem, queue)
+        self._held: list[memoryview] = []
+        self._pushed = 0
+
+    def __enter__(self) -> RingSession:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every view this session handed out, then the ring view."""
+        for v in self._held:
+            v.release()
+        self._held.clear()
+        self._ring.close()
+
+    # -- avail side -------------------------------------------------------------------------
+
+    def _num_heads(self) -> int:
+        q = self.queue
+        try:
+            avail = self._ring.avail_idx()
+        except DmaError as exc:
+            raise q.fail("avail ring outside guest RAM") from exc
+        heads = (avail - q.last_avail_idx) & 0xFFFF
+        if heads > q.num:
+            # mirrors virtqueue_num_heads: "Guest moved used index from %u to %u"
+            raise q.fail(f"guest moved avail index from {q.last_avail_idx} to {avail}")
+        return heads
+
+    def empty(self) -> bool:
+        return self._num_heads() == 0
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None when the ring is empty.
+
+        Mirrors ``virtqueue_split_pop`` (hw/virtio/virtio.c), check for check.
+        """
+        q = self.queue
+        if q.broken or not q.ready:
+            return None
+        if self._num_heads() == 0:
+            return None
+        if q.inuse >= q.num:
+            raise q.fail("virtqueue size exceeded")
+        try:
+            head = self._ring.avail_ring(q.last_avail_idx % q.num)
+        except DmaError as exc:
+            raise q.fail("avail ring outside guest RAM") from exc
+        q.last_avail_idx = (q.last_avail_idx + 1) & 0xFFFF
+        if head >= q.num:
+            raise q.fail(f"guest says index {head} is available")
+        if q.event_idx:
+            self._set_avail_event(q.last_avail_idx)
+        try:
+            return self._walk(head)
+        except DmaError as exc:
+            raise q.fail(f"descriptor table outside guest RAM: {exc.message}") from exc
+
+    def _walk(self, head: int) -> Chain:
+        q = self.queue
+        read_desc = self._ring.desc
+        table: memoryview | None = None
+        max_entries = q.num
+        i = head
+        addr, length, flags, nxt = read_desc(i)
+        # Like QEMU, honour INDIRECT on the head whether or not the feature was acked.
+        if flags & DESC_F_INDIRECT:
+            if length == 0 or length % DESC_SIZE:
+                raise q.fail("invalid size for indirect buffer table")
+            try:
+                table = self._mem.view(addr, length)
+            except DmaError as exc:
+                raise q.fail("cannot map indirect buffer") from exc
+            self._held.append(table)
+            max_entries = length // DESC_SIZE
+            i = 0
+            addr, length, flags, nxt = _DESC.unpack_from(table, 0)
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        entries = 0
+        while True:
+            if length == 0:
+                raise q.fail("zero sized buffers are not allowed")
+            if len(readable) + len(writable) >= VIRTQUEUE_MAX_SIZE:
+                raise q.fail("too many descriptors in one chain")
+            try:
+                view = self._mem.view(addr, length)
+            except DmaError as exc:
+                raise q.fail(f"bogus descriptor: {length} bytes at {addr:#x}") from exc
+            self._held.append(view)
+            if flags & DESC_F_WRITE:
+                writable.append(view)
+            else:
+                if writable:
+                    raise q.fail("incorrect order for descriptors")
+                readable.append(view)
+            entries += 1
+            if entries > max_entries:
+                raise q.fail("looped descriptor")
+            if not flags & DESC_F_NEXT:
+                break
+            if nxt >= max_entries:
+                raise q.fail(f"desc next is {nxt}")
+            i = nxt
+            if table is not None:
+                addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * i)
+            else:
+                addr, length, flags, nxt = read_desc(i)
+        q.inuse += 1
+        return Chain(head, tuple(readable), tuple(writable))
+
+    def _set_avail_event(self, value: int) -> None:
+        try:
+            self._ring.set_avail_event(value)
+        except DmaError as exc:
+            raise self.queue.fail("used ring outside guest RAM") from exc
+
+    def enable_notification(self) -> bool:
+        """Re-arm kicks and report whether more work arrived meanwhile.
+
+        Mirrors ``virtio_queue_set_notification(vq, 1)`` followed by the
+        ``virtio_queue_empty`` re-check in ``virtio_blk_handle_vq``: with EVENT_IDX the
+        device asks to be kicked at the next avail index.
+        """
+        q = self.queue
+        if q.broken or not q.ready:
+            return False
+        if q.event_idx:
+            self._set_avail_event(self._ring.avail_idx())
+        _full_barrier()
+        return not self.empty()
+
+    # -- used side --------------------------------------------------------------------------
+
+    def push(self, chain: Chain, written: int) -> None:
+        """Return ``chain`` to the driver with ``written`` device-written bytes.
+
+        Mirrors ``virtqueue_fill`` + ``virtqueue_flush`` for one element.
+        """
+        q = self.queue
+        old = q.used_idx
+        try:
+            self._ring.put_used(old % q.num, chain.head, written & 0xFFFFFFFF)
+            new = (old + 1) & 0xFFFF
+            self._ring.set_used_idx(new)
+        except DmaError as exc:
+            raise q.fail("used ring outside guest RAM") from exc
+        q.used_idx = new
+        q.inuse -= 1
+        self._pushed += 1
+        # virtqueue_split_flush: "(int16_t)(new - signalled_used) < (uint16_t)(new - old)"
+        # means the last signalled index is no longer behind us; forget it.
+        since = (new - q.signalled_used) & 0xFFFF
+        if since >= 0x8000:
+            since -= 0x10000
+        if since < ((new - old) & 0xFFFF):
+            q.signalled_used_valid = False
+
+    def should_notify(self) -> bool:
+        """Whether to interrupt the driver now; mirrors ``virtio_split_should_notify``."""
+        q = self.queue
+        if not q.ready:
+            return False
+        _full_barrier()
+        try:
+            if q.notify_on_empty and q.inuse == 0 and self.empty():
+                return True
+            if not q.event_idx:
+                return not self._ring.avail_flags() & AVAIL_F_NO_INTERRUPT
+            valid = q.signalled_used_valid
+            old = q.signalled_used
+            new = q.used_idx
+            q.signalled_used_valid = True
+            q.signalled_used = new
+            return not valid or vring_need_event(self._ring.used_event(), new, old)
+        except DmaError as exc:
+            raise q.fail("avail ring outside guest RAM") from exc
