@@ -4,7 +4,9 @@ It drives a sans-IO endpoint (:mod:`mpqemu_mgmt.protocol.endpoint`) over a conne
 AF_UNIX SOCK_STREAM socket, reading the way mpqemu_msg_recv does (hw/remote/mpqemu-link.c):
 
 * the 16-byte header with ``recvmsg`` and ``MSG_CMSG_CLOEXEC``, with control space for
-  SOCKET_MAX_FDS = 16 fds (io/channel-socket.c), repeated until the header is complete;
+  SOCKET_MAX_FDS = 16 fds (io/channel-socket.c); if that read is short, the rest of the header
+  is read without a control buffer, because qio_channel_readv_full_all_eof passes fds only to
+  its first read (the kernel then discards fds that come later, exactly as for QEMU);
 * then exactly ``size`` payload bytes with plain ``recv`` (no fds are accepted with the payload;
   the kernel drops any that come, as it does for QEMU);
 * ``MSG_CTRUNC`` (more fds than fit) is a protocol error: every fd received is closed first;
@@ -102,7 +104,7 @@ class Transport:
                 break
             n, header = self.endpoint.wants()
             try:
-                if header:
+                if header and n == wire.HEADER_SIZE:
                     data, fds = self._recv_header_chunk(n)
                 else:
                     data, fds = self._recv_payload_chunk(n), FdBundle()
@@ -150,8 +152,11 @@ class Transport:
         fds: list[OwnedFd] = []
         try:
             while len(buf) < wire.HEADER_SIZE:
-                data, chunk_fds = self._recv_header_chunk(wire.HEADER_SIZE - len(buf))
-                fds.extend(chunk_fds)
+                if buf:
+                    data = self._recv_payload_chunk(wire.HEADER_SIZE - len(buf))
+                else:
+                    data, chunk_fds = self._recv_header_chunk(wire.HEADER_SIZE)
+                    fds.extend(chunk_fds)
                 if not data:
                     if buf or fds:
                         raise TruncatedMessage("Message header corrupted", buffered=len(buf))
