@@ -26,6 +26,7 @@ fd closer; the loop (:class:`VfioUserSession`) is the IO shell around it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -406,6 +407,7 @@ class VfioUserSession:
             self.device.set_level(True)
         self._depth = 0
         self.rejected = 0
+        self.qmp: Any = None
 
     # -- DMA by message (client memory not shared by fd) --------------------------------------
 
@@ -488,15 +490,43 @@ class VfioUserSession:
     def _unmask_fd(self) -> int | None:
         return self.device.irq_fds.get(wire.IRQ_INTX, wire.IRQ_SET_ACTION_UNMASK)
 
+    def attach_qmp(self, listener: socket.socket) -> None:
+        """Serve the remote's QMP monitor (heartbeat, x-device-status) from the same loop."""
+        from mpqemu_mgmt.remote.qmp_server import QmpServer
+
+        self.qmp = QmpServer(listener, self.device_status, log.debug)
+
+    def device_status(self) -> dict[str, Any]:
+        """The payload of QMP ``x-device-status``."""
+        out = dict(self.model.status())
+        out.update(
+            pid=os.getpid(),
+            transport="vfio-user",
+            messages={"received": self.transport.received, "sent": self.transport.sent},
+            errors=self.rejected,
+            memory={"windows": self.windows.windows()},
+            irq={"level": self.device.intx.level, "masked": self.device.intx.masked},
+        )
+        return out
+
     def step(self, timeout: float | None = None) -> bool:
-        """Serve one wake-up: a message, an unmask eventfd, or due timers. False on EOF."""
+        """Serve one wake-up: a message, an unmask eventfd, QMP, or due timers. False when done."""
         wait = self.timers.timeout()
         if timeout is not None:
             wait = timeout if wait is None else min(wait, timeout)
         unmask = self._unmask_fd()
-        ready = self.transport.wait_readable(wait, () if unmask is None else (unmask,))
+        extra = [] if unmask is None else [unmask]
+        qmp_fds = self.qmp.filenos() if self.qmp is not None else []
+        ready = self.transport.wait_readable(wait, (*extra, *qmp_fds))
         if unmask is not None and unmask in ready and drain_eventfd(unmask) and self.device.intx.unmask():
             self.device._fire()
+        if self.qmp is not None:
+            for fd in qmp_fds:
+                if fd in ready:
+                    self.qmp.on_readable(fd)
+            if self.qmp.quit_requested:
+                self.qmp.announce_shutdown()
+                return False
         if self.transport.fileno() in ready:
             raw = self.transport.recv_message()
             if raw is None:
@@ -511,6 +541,9 @@ class VfioUserSession:
         try:
             while self.step():
                 pass
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                raise
         finally:
             self.close()
         return 0
@@ -520,6 +553,9 @@ class VfioUserSession:
         self.timers.clear()
         self.device.close()
         self.endpoint.close()
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
 
 
 def serve_vfio_user(
@@ -536,3 +572,50 @@ def serve_vfio_user(
     unusable (bad framing, refused version), after releasing every fd and mapping.
     """
     return VfioUserSession(sock, model, backing=backing, readonly=readonly, caps=caps).run()
+
+
+def main_from_args(args: Any, log_: Any) -> int:
+    """``python -m mpqemu_mgmt.remote --transport vfio-user ...`` (called by remote/__main__.py).
+
+    Same order as the mpqemu path: adopt the inherited sockets and backing file, build the model,
+    then confine (seccomp last), then serve. 0 when the client closes the socket or QMP ``quit``;
+    1 after a protocol error that leaves the stream untrustworthy.
+    """
+
+    def inherited(fd: int, what: str, listening: bool) -> socket.socket:
+        from mpqemu_mgmt.errors import UsageError
+
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise UsageError(f"{what} {fd} is not an open socket: {exc}", fd=fd) from exc
+        listens = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or listens != listening:
+            sock.detach()
+            raise UsageError(f"{what} {fd} is not a {'listening' if listening else 'connected'} "
+                             "AF_UNIX SOCK_STREAM socket", fd=fd)
+        return sock
+
+    sock = inherited(args.fd, "--fd", False)
+    backing = None
+    if args.backing_fd is not None:
+        backing = os.fdopen(args.backing_fd, "rb" if args.readonly else "r+b", buffering=0)
+    session = VfioUserSession(sock, args.device, backing=backing, readonly=args.readonly)
+    if args.qmp_fd is not None:
+        session.attach_qmp(inherited(args.qmp_fd, "--qmp-fd", True))
+    elif args.qmp is not None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(args.qmp)
+        listener.listen(1)
+        session.attach_qmp(listener)
+    if args.seccomp != "off":
+        from mpqemu_mgmt.confine.lockdown import lock_down
+
+        lock_down(model=args.device, mode=args.seccomp)
+    try:
+        return session.run()
+    except ProtocolError as exc:
+        log_.warning(f"vfio-user protocol error, stopping: {exc}")
+        return 1
+    finally:
+        sock.close()

@@ -110,9 +110,19 @@ class VfioUserTransport:
         self.sent += 1
 
     def wait_readable(self, timeout: float | None, extra: tuple[int, ...] = ()) -> list[int]:
-        """Block until the socket or one of ``extra`` fds is readable (or timeout); EINTR-safe."""
-        readable, _, _ = select.select([self.sock.fileno(), *extra], [], [], timeout)
-        return list(readable)
+        """Block until the socket or one of ``extra`` fds is readable (or timeout).
+
+        ``poll``, not ``select``: the device seccomp allowlist (policies/x86_64/common_device.policy)
+        permits poll/ppoll, and poll has no FD_SETSIZE limit.
+        """
+        poller = select.poll()
+        for fd in (self.sock.fileno(), *extra):
+            poller.register(fd, select.POLLIN | select.POLLPRI)
+        ms = -1 if timeout is None else int(timeout * 1000) + (1 if timeout > 0 else 0)
+        try:
+            return [fd for fd, _ in poller.poll(ms)]
+        except InterruptedError:
+            return []
 
 
 def signal_eventfd(fd: int) -> None:

@@ -224,3 +224,39 @@ def test_bad_framing_ends_the_session_without_leaks(serve) -> None:  # type: ign
     assert isinstance(s.result.get("exc"), ProtocolError)
     s.client.close()
     assert open_fds() == before
+
+
+@pytest.mark.parametrize("seccomp", ["off", "enforce"])
+def test_remote_process_serves_vfio_user_and_exits_zero_on_close(seccomp: str) -> None:
+    """Contracts 1: python -m mpqemu_mgmt.remote --transport vfio-user on an inherited fd."""
+    import subprocess
+    import sys
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpqemu_mgmt.remote", "--device", "edu", "--fd", str(theirs.fileno()),
+         "--transport", "vfio-user", "--seccomp", seccomp],
+        pass_fds=(theirs.fileno(),),
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    try:
+        ours.settimeout(20)
+        c = VfioUserClient(ours)
+        c.handshake()
+        assert c.config_read(0, 4) == 0x11E81234
+        c.write(0, 0x04, 4, 0x12345678)
+        assert c.read(0, 0x04, 4) == 0xFFFFFFFF ^ 0x12345678
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        c.set_intx_eventfd(efd)
+        c.write(0, 0x60, 4, 1)
+        assert eventfd_count(efd, 5) == 1
+        os.close(efd)
+        c.close()
+        assert proc.wait(20) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
