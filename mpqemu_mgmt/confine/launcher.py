@@ -35,7 +35,12 @@ from typing import IO, Literal
 
 import mpqemu_mgmt
 from mpqemu_mgmt.confine import credentials, namespaces, remote_argv, violations
-from mpqemu_mgmt.confine.profile import AppliedConfinement, ConfinementProfile, SeccompMode
+from mpqemu_mgmt.confine.profile import (
+    AppliedConfinement,
+    ConfinementProfile,
+    SeccompMode,
+    parse_qemu_profile,
+)
 from mpqemu_mgmt.confine.seccomp_loader import syscall_name
 from mpqemu_mgmt.errors import ConfinementError, MpqemuError, ProcessFailed, SeccompViolation
 from mpqemu_mgmt.resources import data_dir
@@ -363,6 +368,15 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
             os.close(info_r)
         if log is not None:
             log.close()
+
+
+def profile_for(backend: Backend, base: ConfinementProfile | None = None) -> ConfinementProfile:
+    """The profile for ``backend``: stock QEMU remotes get ``policies/qemu-remote.toml`` on top."""
+    base = base or ConfinementProfile()
+    if backend != "qemu":
+        return base
+    path = data_dir("policies") / "qemu-remote.toml"
+    return parse_qemu_profile(path.read_text(encoding="utf-8"), base)
 
 
 def unconfined_profile(mode: SeccompMode = SeccompMode.OFF) -> ConfinementProfile:

@@ -84,8 +84,10 @@ def qemu_argv(
         # a ',' inside a value would smuggle more options into -device (QEMU's option syntax)
         if not _PROP.match(prop) or prop.split("=", 1)[0] in {"id", "driver"}:
             raise UsageError(f"invalid device property {prop!r}")
-    argv = [qemu, "-machine", "x-remote,vfio-user=off", "-nodefaults", "-display", "none",
-            "-serial", "none", "-monitor", "none"]
+    # x-remote runs no guest code, but TCG still reserves its default 1 GiB translation buffer
+    # (accel/tcg/translate-all.c), which RLIMIT_DATA would refuse: keep it small
+    argv = [qemu, "-machine", "x-remote,vfio-user=off", "-accel", "tcg,tb-size=16", "-nodefaults",
+            "-display", "none", "-serial", "none", "-monitor", "none"]
     device = [driver, f"id={device_id}", *props]
     if len(fds.backing_ro) != len(fds.backing):
         raise UsageError("every backing file needs a read-write and a read-only fd")
