@@ -1,0 +1,47 @@
+"""A connection to a running libvirtd (started here with ``libvirtd -d`` / ``virtlogd -d`` if needed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+URI = "qemu:///system"
+
+
+def _running(name: str) -> bool:
+    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
+
+
+def ensure_libvirtd() -> str | None:
+    """None when libvirtd answers; else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "libvirt system tests need root (qemu:///system)"
+    if shutil.which("libvirtd") is None:
+        return "libvirtd is not installed"
+    for daemon in ("virtlogd", "libvirtd"):
+        if not _running(daemon):
+            subprocess.run([daemon, "-d"], check=False, timeout=30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        probe = subprocess.run(["virsh", "-c", URI, "version"], capture_output=True, timeout=30, check=False)
+        if probe.returncode == 0:
+            return None
+        time.sleep(0.3)
+    return "libvirtd did not answer on qemu:///system"
+
+
+@pytest.fixture(scope="session")
+def libvirt_host() -> Iterator[object]:
+    reason = ensure_libvirtd()
+    if reason is not None:
+        pytest.skip(reason)
+    from mpqemu_mgmt.domain.libvirt_host import LibvirtHost
+
+    host = LibvirtHost(URI)
+    yield host
+    host.close()
