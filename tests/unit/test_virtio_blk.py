@@ -125,7 +125,12 @@ def test_features_and_config() -> None:
     offered = r.info.host_features
     for bit in (BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH):
         assert offered & (1 << bit)
-    for bit in (Feature.RING_INDIRECT_DESC, Feature.RING_EVENT_IDX, Feature.NOTIFY_ON_EMPTY, Feature.ANY_LAYOUT):
+    for bit in (
+        Feature.RING_INDIRECT_DESC,
+        Feature.RING_EVENT_IDX,
+        Feature.NOTIFY_ON_EMPTY,
+        Feature.ANY_LAYOUT,
+    ):
         assert offered & (1 << bit)
     assert not offered & (1 << BlkFeature.RO)
     assert (r.info.capacity, r.info.queue_size, r.info.seg_max, r.info.blk_size) == (SECTORS, 256, 254, 512)
@@ -308,8 +313,20 @@ def test_status_report_is_json_ready() -> None:
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("w"), st.integers(0, SECTORS - 1), st.integers(1, 16), st.integers(0, 255), st.integers(0, 3)),
-        st.tuples(st.just("r"), st.integers(0, SECTORS - 1), st.integers(1, 16), st.integers(0, 0), st.integers(0, 3)),
+        st.tuples(
+            st.just("w"),
+            st.integers(0, SECTORS - 1),
+            st.integers(1, 16),
+            st.integers(0, 255),
+            st.integers(0, 3),
+        ),
+        st.tuples(
+            st.just("r"),
+            st.integers(0, SECTORS - 1),
+            st.integers(1, 16),
+            st.integers(0, 0),
+            st.integers(0, 3),
+        ),
         st.tuples(st.just("f"), st.just(0), st.just(0), st.just(0), st.just(0)),
     ),
     min_size=1,
@@ -319,7 +336,9 @@ ops = st.lists(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops, st.booleans())
-def test_random_request_batches_match_a_model(batch: list[tuple[str, int, int, int, int]], indirect: bool) -> None:
+def test_random_request_batches_match_a_model(
+    batch: list[tuple[str, int, int, int, int]], indirect: bool
+) -> None:
     """Any batch of reads, writes and flushes behaves like a flat byte array."""
     r = Rig()
     model = bytearray(DISK)

@@ -104,7 +104,14 @@ def test_direct_chain_pop_push() -> None:
 
 def test_indirect_chain() -> None:
     g = Guest()
-    g.table(0x7000, [(0x8000, 16, DESC_F_NEXT, 1), (0x9000, 512, DESC_F_NEXT | DESC_F_WRITE, 2), (0xA000, 1, DESC_F_WRITE, 0)])
+    g.table(
+        0x7000,
+        [
+            (0x8000, 16, DESC_F_NEXT, 1),
+            (0x9000, 512, DESC_F_NEXT | DESC_F_WRITE, 2),
+            (0xA000, 1, DESC_F_WRITE, 0),
+        ],
+    )
     g.desc(0, 0x7000, 48, DESC_F_INDIRECT)
     g.publish(0)
     with g.q.session(g.mem) as ring:
@@ -127,11 +134,17 @@ HOSTILE = [
     ("indirect table outside RAM", lambda g: g.desc(0, RAM - 16, 32, DESC_F_INDIRECT)),
     (
         "indirect loop",
-        lambda g: (g.table(0x7000, [(0x8000, 16, DESC_F_NEXT, 1), (0x8000, 16, DESC_F_NEXT, 0)]), g.desc(0, 0x7000, 32, DESC_F_INDIRECT)),
+        lambda g: (
+            g.table(0x7000, [(0x8000, 16, DESC_F_NEXT, 1), (0x8000, 16, DESC_F_NEXT, 0)]),
+            g.desc(0, 0x7000, 32, DESC_F_INDIRECT),
+        ),
     ),
     (
         "indirect next past table",
-        lambda g: (g.table(0x7000, [(0x8000, 16, DESC_F_NEXT, 2), (0x8000, 16, 0, 0)]), g.desc(0, 0x7000, 32, DESC_F_INDIRECT)),
+        lambda g: (
+            g.table(0x7000, [(0x8000, 16, DESC_F_NEXT, 2), (0x8000, 16, 0, 0)]),
+            g.desc(0, 0x7000, 32, DESC_F_INDIRECT),
+        ),
     ),
     (
         "readable after writable",
