@@ -54,12 +54,14 @@ class MpqemuDispatcher:
         memory: MappedGuestMemory,
         irq: EventfdIrq,
         log: Callable[[str], None] | None = None,
+        debug: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self.barmap = BarMap(model.config)
         self.memory = memory
         self.irq = irq
         self._log = log or (lambda _m: None)
+        self._debug = debug or (lambda _m: None)
         self.counts: dict[str, int] = {}
         self.errors = 0
 
@@ -92,7 +94,7 @@ class MpqemuDispatcher:
             except Exception as exc:
                 return self._error(f"bad PCI config write {msg.addr:#x}/{msg.length}", exc)
             for ch in getattr(effects, "bar_changes", ()):
-                self._log(f"BAR{ch.index}: {ch.old} -> {ch.new}")
+                self._debug(f"BAR{ch.index}: {ch.old} -> {ch.new}")
             return _OK
         if isinstance(msg, SyncSysmem):
             try:

@@ -48,6 +48,7 @@ class Remote:
         timers: TimerQueue,
         *,
         log: Callable[[str], None] | None = None,
+        debug: Callable[[str], None] | None = None,
     ) -> None:
         sock.setblocking(True)
         self.sock = sock
@@ -57,7 +58,7 @@ class Remote:
         self.timers = timers
         self.log = log or (lambda _m: None)
         self.transport = Transport(sock, role="remote")
-        self.dispatcher = MpqemuDispatcher(model, memory, irq, self.log)
+        self.dispatcher = MpqemuDispatcher(model, memory, irq, self.log, debug)
         self.qmp: QmpServer | None = None
 
     def attach_qmp(self, listener: socket.socket) -> QmpServer:
