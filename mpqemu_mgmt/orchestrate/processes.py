@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mpqemu_mgmt.errors import ProcessFailed, StepTimeout
+from mpqemu_mgmt.errors import MpqemuError, ProcessFailed, StepTimeout
 from mpqemu_mgmt.orchestrate.qemu_argv import fill
 from mpqemu_mgmt.orchestrate.runtime import RemoteRuntime
 
@@ -166,6 +166,35 @@ async def wait_for_socket(path: str, pid: int, log_path: str, timeout: float, wh
         await asyncio.sleep(0.005)
 
 
+async def wait_serving(qmp_path: str, pid: int, log_path: str, timeout: float, what: str) -> None:
+    """Until the process answers ``query-status`` on its QMP socket.
+
+    A stock x-remote creates its QMP socket while parsing options, before ``-device`` fails, and a
+    proxy realized against a dead remote still "succeeds" (hw/remote/proxy.c ignores failed config
+    reads while probing). The main loop only serves QMP after machine init, when
+    ``x-remote-object`` is connected, so an answer means the device is really being served.
+    """
+    from mpqemu_mgmt.orchestrate.channel import QmpChannel
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            chan = await QmpChannel.connect(qmp_path, timeout=0.2, name=f"probe-{pid}")
+            try:
+                await chan.execute("query-status", timeout=max(0.5, deadline - loop.time()))
+                return
+            finally:
+                await chan.close()
+        except MpqemuError as exc:
+            if not pid_alive(pid):
+                raise ProcessFailed(f"{what} (pid {pid}) exited during start: {log_tail(log_path)}",
+                                    pid=pid, log=log_path) from exc
+            if loop.time() >= deadline:
+                raise StepTimeout(f"{what} (pid {pid}) does not answer QMP within {timeout:g} s",
+                                  pid=pid) from exc
+
+
 class ProcessLauncher:
     """socketpair + exec with the remote end inherited (no namespaces; see confine/launcher.py)."""
 
@@ -212,6 +241,7 @@ class ProcessLauncher:
         )
         try:
             await wait_for_socket(qmp_path, proc.pid, log_path, timeout, f"remote {device_id}")
+            await wait_serving(qmp_path, proc.pid, log_path, timeout, f"remote {device_id}")
         except BaseException:
             proxy_end.close()
             await terminate(proc.pid, remote.pidfd, grace=0.5)

@@ -1,0 +1,168 @@
+"""The direct driver against real QEMU 7.2: a paused-then-running main QEMU (no guest OS) with
+stock ``-machine x-remote`` remotes. Start, hot-plug, reset, adopt, stop, and a failure injected
+before every plan step leaves no process and no device behind. (Unplug needs a guest that answers
+ACPI, so it is in tests/system.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, parse_spec
+from mpqemu_mgmt.errors import MpqemuError, OrchestrationError
+from mpqemu_mgmt.orchestrate.driver import DirectDriver, GuestRuntime
+from mpqemu_mgmt.orchestrate.plans import Step, plan_for
+from mpqemu_mgmt.orchestrate.processes import pid_alive
+from tests.integration.orchestrate_helpers import processes_under, state_root  # noqa: F401
+
+RUN_AS = "nobody" if os.geteuid() == 0 else None
+
+
+def spec(machine: str = "pc", name: str = "it") -> GuestSpec:
+    return parse_spec(f"""
+name = "{name}"
+memory = "128M"
+machine = "{machine}"
+[[device]]
+id = "tdev"
+model = "pci-testdev"
+backend = "qemu"
+[[device]]
+id = "lsi0"
+model = "lsi53c895a"
+backend = "qemu"
+""", "it.toml")
+
+
+async def _ids(driver: DirectDriver, runtime: GuestRuntime) -> set[str]:
+    chan = await driver.channel(runtime)
+    items = await chan.execute("qom-list", {"path": "/machine/peripheral"}, timeout=5)
+    return {i["name"] for i in items if str(i.get("type", "")).startswith("child<")}
+
+
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+@pytest.mark.parametrize("machine", ["pc", "q35"])
+def test_start_attach_reset_stop(machine: str, state_root: Path) -> None:  # noqa: F811
+    async def main() -> None:
+        driver = DirectDriver(state_root, run_as=RUN_AS)
+        runtime = await driver.start(spec(machine))
+        try:
+            assert pid_alive(runtime.pid)
+            if RUN_AS:
+                assert _uid(runtime.pid) != 0, "main QEMU must not run as root"
+            assert set(runtime.remotes) == {"tdev", "lsi0"}
+            assert await _ids(driver, runtime) >= {"tdev", "lsi0"}
+            status = await (await driver.channel(runtime)).execute("query-status", timeout=5)
+            assert status["status"] == "running"
+            assert "-sandbox" in Path(f"/proc/{runtime.pid}/cmdline").read_bytes().decode(errors="replace")
+            assert Path(runtime.console_log).exists()
+
+            t0 = time.perf_counter()
+            remote = await driver.attach(runtime, DeviceSpec(id="net0", model="e1000", backend="qemu"))
+            elapsed = time.perf_counter() - t0
+            assert pid_alive(remote.pid) and remote.placement is not None
+            realized = await (await driver.channel(runtime)).execute(
+                "qom-get", {"path": "/machine/peripheral/net0", "property": "realized"}, timeout=5)
+            assert realized is True
+            assert [d.id for d in runtime.spec.devices] == ["tdev", "lsi0", "net0"]
+            assert elapsed < 5.0
+
+            await driver.reset(runtime)
+            for r in runtime.remotes.values():
+                assert pid_alive(r.pid)
+
+            # adopt: a fresh driver (the service restarted) finds the same guest from its record.
+            record = runtime.to_record()
+            driver2 = DirectDriver(state_root, run_as=RUN_AS)
+            await (await driver.channel(runtime)).close()
+            driver._channels.clear()
+            adopted = await driver2.adopt(record)
+            assert adopted.pid == runtime.pid and set(adopted.remotes) == {"tdev", "lsi0", "net0"}
+            assert await _ids(driver2, adopted) >= {"tdev", "lsi0", "net0"}
+            runtime, driver = adopted, driver2
+        finally:
+            pids = [runtime.pid, *(r.pid for r in runtime.remotes.values())]
+            await driver.stop(runtime, force=True)
+        for pid in pids:
+            assert not pid_alive(pid)
+        assert processes_under(state_root) == []
+        assert not list(state_root.glob("*/*.sock")) and not list(state_root.glob("*/*.qmp"))
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+class Injected(OrchestrationError):
+    pass
+
+
+def _inject(at: int):  # type: ignore[no-untyped-def]
+    def hook(index: int, step: Step) -> None:
+        if index == at:
+            raise Injected(f"injected before step {index} ({step.op.value} {step.command or ''})")
+    return hook
+
+
+def test_failure_at_every_start_step_leaves_nothing(state_root: Path) -> None:  # noqa: F811
+    steps = len(plan_for(spec(), "start").steps)
+
+    async def main() -> None:
+        for at in range(steps):
+            driver = DirectDriver(state_root, run_as=RUN_AS, before_step=_inject(at))
+            with pytest.raises(Injected) as info:
+                await driver.start(spec())
+            assert "rolled_back" in info.value.details
+            assert processes_under(state_root) == [], f"step {at}: {processes_under(state_root)}"
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_failure_at_every_attach_step_leaves_guest_as_it_was(state_root: Path) -> None:  # noqa: F811
+    async def main() -> None:
+        driver = DirectDriver(state_root, run_as=RUN_AS)
+        runtime = await driver.start(spec())
+        try:
+            before = await _ids(driver, runtime)
+            dev = DeviceSpec(id="net1", model="e1000", backend="qemu")
+            attach_steps = len(plan_for(runtime.spec, "attach", device=dev).steps)
+            for at in range(attach_steps):
+                driver.before_step = _inject(at)
+                with pytest.raises(Injected):
+                    await driver.attach(runtime, dev)
+                driver.before_step = None
+                assert await _ids(driver, runtime) == before
+                assert set(runtime.remotes) == {"tdev", "lsi0"}
+                assert [d.id for d in runtime.spec.devices] == ["tdev", "lsi0"]
+                fds = await (await driver.channel(runtime)).execute("query-status", timeout=5)
+                assert fds["status"] == "running"
+                own = [p for p, cmd in processes_under(state_root) if "net1" in cmd]
+                assert own == [], f"attach step {at}: {own}"
+            # And after all those failures a real attach still works (no stale fd name or id).
+            await driver.attach(runtime, dev)
+            assert "net1" in await _ids(driver, runtime)
+        finally:
+            await driver.stop(runtime, force=True)
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_remote_that_dies_at_start_is_reported(state_root: Path) -> None:  # noqa: F811
+    bad = parse_spec('name = "bad"\n[[device]]\nid = "x"\nmodel = "no-such-device"\nbackend = "qemu"\n')
+
+    async def main() -> None:
+        driver = DirectDriver(state_root, run_as=RUN_AS)
+        with pytest.raises(MpqemuError) as info:
+            await driver.start(bad)
+        assert info.value.exit_code == 4  # ProcessFailed: the remote exited
+        assert "no-such-device" in info.value.message
+
+    asyncio.run(asyncio.wait_for(main(), 60))
