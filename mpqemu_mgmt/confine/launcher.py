@@ -83,6 +83,8 @@ class LaunchedRemote:
     confinement: AppliedConfinement
     wrapper: subprocess.Popen[bytes]
     log_path: Path | None = None
+    #: kmsg clock at launch: older audit records belong to an earlier owner of this pid
+    started_usec: int = 0
     _closed: bool = False
 
     def poll(self) -> int | None:
@@ -103,7 +105,7 @@ class LaunchedRemote:
         for a seccomp kill, ProcessFailed for any other non-zero end."""
         report = self.wait(timeout)
         if report.seccomp:
-            raise seccomp_violation(self.device_id, self.pid)
+            raise seccomp_violation(self.device_id, self.pid, self.started_usec)
         if report.returncode != 0:
             raise ProcessFailed(f"remote {self.device_id} exited with status {report.returncode}",
                                 device=self.device_id, pid=self.pid, returncode=report.returncode)
@@ -147,9 +149,9 @@ class LaunchedRemote:
         return {"id": self.device_id, "pid": self.pid, "confinement": self.confinement.to_dict()}
 
 
-def seccomp_violation(device_id: str, pid: int) -> SeccompViolation:
+def seccomp_violation(device_id: str, pid: int, since_usec: int | None = None) -> SeccompViolation:
     """The error for a seccomp kill of ``pid``, naming the syscall from the audit log if readable."""
-    records = violations.read_kmsg(pid)
+    records = violations.read_kmsg(pid, since_usec)
     if records is None:
         return SeccompViolation(
             f"remote {device_id} (pid {pid}) was killed by its seccomp filter; "
@@ -159,7 +161,8 @@ def seccomp_violation(device_id: str, pid: int) -> SeccompViolation:
     if not kills:
         return SeccompViolation(
             f"remote {device_id} (pid {pid}) was killed by its seccomp filter; "
-            "no audit record found for it", device=device_id, pid=pid, syscall=None)
+            "no audit record found for it (the kernel rate-limits audit printk without auditd)",
+            device=device_id, pid=pid, syscall=None)
     nr = kills[-1].syscall
     name = syscall_name(nr)
     return SeccompViolation(
@@ -263,6 +266,7 @@ def _child_of(reaper: int, wrapper: subprocess.Popen[bytes], timeout: float) -> 
 def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemote:
     """Start one confined remote device process; see the module docstring for the order."""
     remote_argv.validate_id(request.device_id)
+    started_usec = violations.monotonic_usec()
     creds = credentials.resolve(profile)
     owned: list[int] = []  # fds to close in the launcher whatever happens
     proxy: socket.socket | None = None
@@ -344,7 +348,7 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
             device_id=request.device_id, pid=pid, pidfd=pidfd, proxy=proxy,
             qmp_path=request.qmp_path, argv=argv,
             confinement=AppliedConfinement(seccomp_label, ns, creds.uid),
-            wrapper=wrapper, log_path=request.log_path)
+            wrapper=wrapper, log_path=request.log_path, started_usec=started_usec)
     except BaseException as exc:
         if wrapper is not None and wrapper.poll() is None:
             wrapper.kill()  # bwrap's --die-with-parent takes the device with it

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from dataclasses import dataclass
 
 SECCOMP_RET_KILL_PROCESS = 0x80000000
@@ -23,6 +24,7 @@ SECCOMP_RET_ERRNO = 0x00050000
 SECCOMP_RET_LOG = 0x7FFC0000
 SECCOMP_RET_ACTION_FULL = 0xFFFF0000
 
+_PREFIX = re.compile(r"^\d+,\d+,(\d+),[^;]*;")  # kmsg "prio,seq,usec,flags;" (ABI dev-kmsg)
 _AUDIT = re.compile(r"type=1326\b.*?\bpid=(\d+)\b.*?\bsyscall=(\d+)\b.*?\bcode=(0x[0-9a-fA-F]+)")
 _COMM = re.compile(r'\bcomm="([^"]*)"')
 
@@ -35,6 +37,8 @@ class SeccompRecord:
     syscall: int
     code: int
     comm: str
+    #: printk timestamp, microseconds since boot (CLOCK_MONOTONIC's clock), or None
+    usec: int | None = None
 
     @property
     def action(self) -> int:
@@ -55,8 +59,9 @@ def parse_audit(line: str) -> SeccompRecord | None:
     if not m:
         return None
     comm = _COMM.search(line)
+    prefix = _PREFIX.match(line)
     return SeccompRecord(int(m.group(1)), int(m.group(2)), int(m.group(3), 16),
-                         comm.group(1) if comm else "")
+                         comm.group(1) if comm else "", int(prefix.group(1)) if prefix else None)
 
 
 def classify_exit(returncode: int) -> ExitReport:
@@ -69,9 +74,17 @@ def classify_exit(returncode: int) -> ExitReport:
     return ExitReport(returncode, sig, sig == signal.SIGSYS)
 
 
-def read_kmsg(pid: int | None = None) -> list[SeccompRecord] | None:
+def monotonic_usec() -> int:
+    """Now, on the clock kmsg timestamps use (for :func:`read_kmsg`'s ``since_usec``)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def read_kmsg(pid: int | None = None, since_usec: int | None = None) -> list[SeccompRecord] | None:
     """Every seccomp audit record still in the kernel ring buffer (for ``pid`` if given).
 
+    ``since_usec`` drops older records: pids wrap (pid_max), so a record of an earlier process
+    with the same pid must not be blamed on this one. Without auditd the kernel prints audit
+    records through printk_ratelimit() (10 per 5 s by default): a record can be missing.
     None when /dev/kmsg cannot be read (the caller says so rather than guessing).
     """
     try:
@@ -92,8 +105,11 @@ def read_kmsg(pid: int | None = None) -> list[SeccompRecord] | None:
             if not chunk:
                 break
             rec = parse_audit(chunk.decode("utf-8", "replace"))
-            if rec is not None and (pid is None or rec.pid == pid):
-                records.append(rec)
+            if rec is None or (pid is not None and rec.pid != pid):
+                continue
+            if since_usec is not None and rec.usec is not None and rec.usec < since_usec:
+                continue
+            records.append(rec)
     finally:
         os.close(fd)
     return records
