@@ -65,6 +65,9 @@ class LibvirtGuest:
     def name(self) -> str:
         return str(self._dom.name())
 
+    def uuid(self) -> str:
+        return str(_call("UUIDString", self._dom.UUIDString))
+
     def create_paused(self) -> None:
         _call("createWithFlags(START_PAUSED)",
               lambda: self._dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED))

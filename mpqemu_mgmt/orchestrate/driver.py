@@ -89,6 +89,7 @@ class GuestDriver(Protocol):
 
 class _BaseDriver:
     name = "base"
+    _dir_mode = 0o700
 
     def __init__(self, state_root: str | Path, *, launcher: RemoteLauncher | None = None,
                  before_step: StepHook | None = None) -> None:
@@ -132,7 +133,7 @@ class _BaseDriver:
     async def start(self, spec: GuestSpec) -> GuestRuntime:
         check_fd_passing(spec)
         state_dir = self.state_dir(spec)
-        prepare_dir(state_dir, self._owner())
+        prepare_dir(state_dir, self._owner(), self._dir_mode)
         paths = GuestPaths(state_dir)
         runtime = GuestRuntime(spec=spec, driver=self.name, state_dir=state_dir, pid=0,
                                qmp_path=paths.qmp if self.name == "direct" else None,
@@ -298,14 +299,19 @@ class LibvirtDriver(_BaseDriver):
     """libvirtd runs the main QEMU; we define the domain, start it paused and plug through it."""
 
     name = "libvirt"
+    _dir_mode = 0o711
 
-    def __init__(self, state_root: str | Path, *, launcher: RemoteLauncher | None = None,
-                 before_step: StepHook | None = None) -> None:
-        super().__init__(state_root, launcher=launcher, before_step=before_step)
+    def __init__(self, state_root: str | Path, *, run_as: str | None = "nobody",
+                 launcher: RemoteLauncher | None = None, before_step: StepHook | None = None) -> None:
+        super().__init__(state_root, launcher=launcher or ProcessLauncher(run_as), before_step=before_step)
+        self._user = resolve_user(run_as)
         from mpqemu_mgmt.domain.libvirt_host import LibvirtHost as host_cls
 
         self._hosts: dict[str, LibvirtHost] = {}
         self._host_cls = host_cls
+
+    def _owner(self) -> tuple[int, int] | None:
+        return self._user
 
     def host(self, uri: str) -> LibvirtHost:
         host = self._hosts.get(uri)
@@ -326,9 +332,13 @@ class LibvirtDriver(_BaseDriver):
     async def launch_vm(self, step: Step, runtime: GuestRuntime) -> MonitorChannel:
         from mpqemu_mgmt.domain.designer import design
 
-        xml = design(runtime.spec, state_dir=runtime.state_dir).to_xml()
+        dom = design(runtime.spec, state_dir=runtime.state_dir)
         host = self.host(runtime.spec.uri)
-        guest = await asyncio.to_thread(host.define_validated, xml)
+        existing = await asyncio.to_thread(host.lookup, runtime.name)
+        if existing is not None:
+            # Redefining under the same name needs the same uuid, or libvirt refuses.
+            dom.uuid = await asyncio.to_thread(existing.uuid)
+        guest = await asyncio.to_thread(host.define_validated, dom.to_xml())
         try:
             await asyncio.wait_for(asyncio.to_thread(guest.create_paused), step.timeout)
             runtime.pid = guest.pid()

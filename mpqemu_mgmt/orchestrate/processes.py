@@ -132,12 +132,15 @@ def resolve_user(name: str | None) -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def prepare_dir(path: str, owner: tuple[int, int] | None) -> None:
-    """The guest's state directory: ours, and writable by the unprivileged QEMU user."""
+def prepare_dir(path: str, owner: tuple[int, int] | None, mode: int = 0o700) -> None:
+    """The guest's state directory, writable by the unprivileged user our QEMUs run as.
+
+    ``mode`` 0o711 lets libvirt's QEMU (another uid) reach the console file libvirt labels for it.
+    """
     Path(path).mkdir(parents=True, exist_ok=True)
     if owner is not None:
         os.chown(path, owner[0], owner[1])
-    os.chmod(path, stat.S_IRWXU)
+    os.chmod(path, mode)
 
 
 def log_tail(path: str, lines: int = 5) -> str:
