@@ -287,7 +287,8 @@ class VirtioBlkDriver:
         b.write(LegacyReg.STATUS, 1, Status.ACKNOWLEDGE)
         b.write(LegacyReg.STATUS, 1, Status.ACKNOWLEDGE | Status.DRIVER)
         host = b.read(LegacyReg.HOST_FEATURES, 4)
-        acked = host if want is None else host & want
+        # Never ack VIRTIO_F_BAD_FEATURE: legacy QEMU offers it to catch drivers that ack all.
+        acked = (host if want is None else host & want) & ~(1 << Feature.BAD_FEATURE)
         b.write(LegacyReg.GUEST_FEATURES, 4, acked)
         self.event_idx = bool(acked & (1 << Feature.RING_EVENT_IDX))
         self.indirect_ok = bool(acked & (1 << Feature.RING_INDIRECT_DESC))

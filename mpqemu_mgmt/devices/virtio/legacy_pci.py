@@ -47,12 +47,15 @@ from mpqemu_mgmt.errors import VirtqueueError
 from mpqemu_mgmt.pci import ConfigSpace, IntxPin, regs
 
 #: Transport features every legacy device here offers (QEMU's virtio-pci defaults:
-#: indirect_desc, event_idx, notify_on_empty, any_layout all "true" in ``info qtree``).
+#: indirect_desc, event_idx, notify_on_empty, any_layout all "true" in ``info qtree``), plus
+#: VIRTIO_F_BAD_FEATURE, which virtio_pci_device_plugged offers on the legacy interface so that a
+#: driver acking every bit can be recognised.
 TRANSPORT_FEATURES = (
     1 << Feature.NOTIFY_ON_EMPTY
     | 1 << Feature.ANY_LAYOUT
     | 1 << Feature.RING_INDIRECT_DESC
     | 1 << Feature.RING_EVENT_IDX
+    | 1 << Feature.BAD_FEATURE
 )
 
 
@@ -212,7 +215,7 @@ class LegacyVirtioPci:
             # A driver that acks BAD_FEATURE is broken; QEMU falls back to the device's
             # "bad features" (none for virtio-blk).
             value = 0
-        acked = value & self.host_features
+        acked = value & self.host_features & ~(1 << Feature.BAD_FEATURE)
         self.guest_features = acked
         for q in self.queues:
             q.event_idx = bool(acked & (1 << Feature.RING_EVENT_IDX))

@@ -1,0 +1,194 @@
+"""Start a virtio-blk remote (ours or stock QEMU's) and attach the Python virtio driver over ProxySim.
+
+For tests and benchmarks only. :func:`builtin_blk` spawns ``python -m mpqemu_mgmt.remote --device
+virtio-blk --fd N --backing-fd K`` with the image opened here and passed as an inherited fd (the
+remote never opens a file); :func:`stock_blk` spawns ``qemu-system-x86_64 -machine x-remote -drive
+file=…,if=none,id=d0,format=raw -device virtio-blk-pci,vectors=0,drive=d0,id=vb0`` (through
+:class:`~mpqemu_mgmt.testing.stock_remote.StockRemote`) and waits out its start-up window.
+:func:`attach` then does what ``x-pci-proxy-dev`` does at realize — SYNC_SYSMEM of a memfd as guest
+RAM, SET_IRQFD, the BAR probe — programs the BARs and returns a ready
+:class:`~mpqemu_mgmt.testing.virtio_driver.VirtioBlkDriver`.
+
+It must not be used by production code; the service's launcher lives in ``confine/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpqemu_mgmt.protocol import OwnedFd, SysmemRegion
+from mpqemu_mgmt.testing.proxysim import ProbeResult, ProxySim, memfd_region
+from mpqemu_mgmt.testing.stock_remote import StockRemote, settle
+from mpqemu_mgmt.testing.virtio_driver import GuestRam, ProxySimBus, VirtioBlkDriver
+
+IO_BASE = 0xC000
+MEM_BASE = 0xFE000000
+PCI_COMMAND = 0x04
+COMMAND_IO_MEM_MASTER = 0x7
+
+
+class BuiltinBlkRemote:
+    """Our remote serving virtio-blk on an inherited socket with an inherited backing fd."""
+
+    def __init__(
+        self,
+        image: Path,
+        remote_fd: int,
+        *,
+        workdir: Path,
+        readonly: bool = False,
+        seccomp: str = "enforce",
+        extra_args: Sequence[str] = (),
+        name: str = "builtin-blk",
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{name}.log"
+        backing = os.open(image, os.O_RDONLY if readonly else os.O_RDWR)
+        self.argv = [
+            sys.executable, "-m", "mpqemu_mgmt.remote", "--device", "virtio-blk",
+            "--fd", str(remote_fd), "--backing-fd", str(backing), "--seccomp", seccomp,
+            *(["--readonly"] if readonly else []), *extra_args,
+        ]  # fmt: skip
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=self._log,
+                pass_fds=(remote_fd, backing),
+                close_fds=True,
+            )
+        except BaseException:
+            self._log.close()
+            raise
+        finally:
+            os.close(remote_fd)
+            os.close(backing)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def builtin_blk(
+    image: Path, *, workdir: Path, readonly: bool = False, seccomp: str = "enforce"
+) -> Iterator[tuple[BuiltinBlkRemote, socket.socket]]:
+    proxy_end, remote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        remote = BuiltinBlkRemote(
+            image, remote_end.detach(), workdir=workdir, readonly=readonly, seccomp=seccomp
+        )
+    except BaseException:
+        proxy_end.close()
+        raise
+    try:
+        yield remote, proxy_end
+    finally:
+        proxy_end.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            remote.wait(2.0)
+        remote.stop()
+
+
+@contextlib.contextmanager
+def stock_blk(
+    image: Path, *, workdir: Path, readonly: bool = False
+) -> Iterator[tuple[StockRemote, socket.socket]]:
+    drive = f"file={image},if=none,id=d0,format=raw" + (",readonly=on" if readonly else "")
+    with StockRemote.pair(
+        "virtio-blk-pci,vectors=0,drive=d0,id=vb0",
+        workdir=workdir,
+        qmp=True,
+        extra_args=["-drive", drive],
+        name="stock-blk",
+    ) as (remote, sock):
+        settle(remote)
+        yield remote, sock
+
+
+@dataclass
+class Attached:
+    """Everything the proxy side holds for one remote: keep it alive while the driver runs."""
+
+    sim: ProxySim
+    driver: VirtioBlkDriver
+    probe: ProbeResult
+    ram: GuestRam
+    region: SysmemRegion
+    irqfd: OwnedFd
+    resample: OwnedFd
+    mm: mmap.mmap
+
+    def config_space(self) -> bytes:
+        return b"".join(self.sim.config_read(off, 4).to_bytes(4, "little") for off in range(0, 256, 4))
+
+    def close(self) -> None:
+        self.driver.ram.release()
+        self.mm.close()
+        self.region.fd.close()
+        self.irqfd.close()
+        self.resample.close()
+
+
+@contextlib.contextmanager
+def attach(sock: socket.socket, *, ram_size: int = 32 << 20, timeout: float = 10.0) -> Iterator[Attached]:
+    """Realize a proxy on ``sock`` (SYNC_SYSMEM, SET_IRQFD, probe), program BARs, build a driver."""
+    sim = ProxySim(sock, timeout=timeout)
+    region = memfd_region(ram_size, gpa=0)
+    mm = mmap.mmap(region.fd.fileno(), ram_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    irqfd: OwnedFd | None = None
+    resample: OwnedFd | None = None
+    try:
+        sim.sync_sysmem([region])
+        irqfd, resample = sim.set_irqfd()
+        probe = sim.probe()
+        sim.map_bars(base_mem=MEM_BASE, base_io=IO_BASE)
+        command = sim.config_read(PCI_COMMAND, 2)
+        sim.config_write(PCI_COMMAND, command | COMMAND_IO_MEM_MASTER, 2)
+        ram = GuestRam(mm)
+        driver = VirtioBlkDriver(ProxySimBus(sim, irqfd.fileno()), ram, timeout=timeout)
+        att = Attached(sim, driver, probe, ram, region, irqfd, resample, mm)
+    except BaseException:
+        for fd in (irqfd, resample):
+            if fd is not None:
+                fd.close()
+        mm.close()
+        region.fd.close()
+        raise
+    try:
+        yield att
+    finally:
+        att.close()
