@@ -111,6 +111,30 @@ class LaunchedRemote:
                                 device=self.device_id, pid=self.pid, returncode=report.returncode)
         return report
 
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Return once the remote's QMP monitor greets: it is past lock_down and serving.
+
+        ProcessFailed when it ends first or stays silent for ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.wrapper.poll() is not None:
+                raise ProcessFailed(f"remote {self.device_id} ended during start-up "
+                                    f"(status {self.wrapper.returncode})", device=self.device_id)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProcessFailed(f"remote {self.device_id} did not greet on QMP within {timeout}s",
+                                    device=self.device_id, pid=self.pid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(remaining)
+                try:
+                    client.connect(str(self.qmp_path))
+                    if b'"QMP"' in client.recv(4096):
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.02)
+
     def stop(self, timeout: float = 2.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; close every fd; unlink the QMP socket."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
