@@ -230,9 +230,11 @@ def _read_reply(stream: Any) -> dict[str, Any]:
 def settle(remote: StockRemote, timeout: float = 5.0) -> None:
     """Wait out 7.2's start-up window (protocol.md §4.x) so config writes are not undone.
 
-    With QMP, an answered ``query-status`` proves the main loop runs, which 7.2 enters only after
-    the initial machine reset (softmmu/vl.c: qmp_x_exit_preconfig resets before main_loop). Without
-    QMP we can only wait a fixed time.
+    Why the window exists: qdev_machine_creation_done (hw/core/machine.c) first notifies the
+    machine-init-done listeners (x-remote-object starts its message coroutine there and handles
+    whatever is already queued) and only then calls qemu_system_reset. In-band QMP commands are
+    dispatched from the main loop, which runs after that, so an answered ``query-status`` proves
+    the reset is behind us. Without QMP we can only wait a fixed time.
     """
     if not remote.alive():
         raise ProcessFailed("stock remote exited during start-up", pid=remote.pid, log=remote.log_text())
