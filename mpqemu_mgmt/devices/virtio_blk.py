@@ -162,20 +162,21 @@ class BlkRequests:
         return in_len
 
     def _dispatch(self, rtype: int, sector: int, chain: Chain, data_in: list[memoryview]) -> int:
-        # VIRTIO_BLK_T_BARRIER is ignored as QEMU does; T_OUT is the direction bit of IN/OUT.
+        # mirrors the switch in virtio_blk_handle_request: it dispatches on the type without
+        # VIRTIO_BLK_T_OUT and VIRTIO_BLK_T_BARRIER, so e.g. FLUSH|OUT is still a flush.
         kind = rtype & ~(BLK_T_OUT | BLK_T_BARRIER)
         if kind == BLK_T_IN:
             if rtype & BLK_T_OUT:
                 return self._write(sector, _split_front(chain.readable, BLK_OUTHDR_SIZE))
             return self._read(sector, data_in)
-        if rtype & ~BLK_T_BARRIER == BLK_T_FLUSH:
+        if kind == BLK_T_FLUSH:
             self.counters["flush"] += 1
             try:
                 self.backend.flush()
             except OSError:
                 return self._ioerr()
             return BLK_S_OK
-        if rtype & ~BLK_T_BARRIER == BLK_T_GET_ID:
+        if kind == BLK_T_GET_ID:
             self.counters["get_id"] += 1
             # "terminated by '\0' only when shorter than buffer" (virtio-blk.c GET_ID)
             ident = self.serial + b"\0"
@@ -183,8 +184,9 @@ class BlkRequests:
             _scatter(data_in, ident[:room])
             return BLK_S_OK
         # scsi=off: too few segments → IOERR, else UNSUPP (virtio_blk_handle_scsi_req)
-        if rtype & ~BLK_T_BARRIER == BLK_T_SCSI_CMD and (len(chain.readable) < 2 or len(chain.writable) < 3):
+        if kind == BLK_T_SCSI_CMD and (len(chain.readable) < 2 or len(chain.writable) < 3):
             return self._ioerr()
+        # DISCARD and WRITE_ZEROES are not offered: UNSUPP, like every other type.
         self.counters["unsupp"] += 1
         return BLK_S_UNSUPP
 

@@ -262,10 +262,14 @@ class DeviceInfo:
 class VirtioBlkDriver:
     """A minimal legacy virtio-blk driver (Linux virtio_pci_legacy + virtio_blk, simplified)."""
 
-    def __init__(self, bus: LegacyBus, ram: GuestRam, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, bus: LegacyBus, ram: GuestRam, *, timeout: float = 10.0, zero_fill: bool = True
+    ) -> None:
         self.bus = bus
         self.ram = ram
         self.timeout = timeout
+        #: clear device-writable buffers before queueing (so two devices compare byte for byte)
+        self.zero_fill = zero_fill
         self.num = 0
         self.event_idx = False
         self.indirect_ok = False
@@ -377,6 +381,8 @@ class VirtioBlkDriver:
             bufs += [(a, n, 0) for a, n in self._segments(gpa, len(req.data), req.seg_size)]
         if req.read_len:
             gpa = ram.alloc(req.read_len, align=512)
+            if self.zero_fill:
+                ram.write(gpa, bytes(req.read_len))
             req.data_gpas = self._segments(gpa, req.read_len, req.seg_size)
             bufs += [(a, n, DESC_F_WRITE) for a, n in req.data_gpas]
         req.status_gpa = ram.alloc(1, align=1)
