@@ -160,7 +160,14 @@ class _BaseDriver:
 
     async def detach(self, runtime: GuestRuntime, device_id: str) -> None:
         plan = self.plan(runtime, "detach", device_id=device_id)
-        await self._run(runtime, plan, {d.id: d for d in runtime.spec.devices}, await self.channel(runtime))
+        try:
+            await self._run(runtime, plan, {d.id: d for d in runtime.spec.devices},
+                            await self.channel(runtime))
+        except Exception:
+            if device_id not in runtime.remotes:
+                # device_del completed, then a later step failed: the rollback stopped the remote.
+                runtime.spec = runtime.spec.without_device(device_id)
+            raise
         runtime.spec = runtime.spec.without_device(device_id)
 
     async def reset(self, runtime: GuestRuntime, device_id: str | None = None) -> None:

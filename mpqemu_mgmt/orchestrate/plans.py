@@ -203,6 +203,9 @@ def unplug_steps(device_id: str) -> tuple[Step, ...]:
             wait=EventWait("DEVICE_DELETED", (("path", device_path(device_id)),)),
             timeout=DETACH_TIMEOUT, attempts=DETACH_ATTEMPTS,
             done_if_error=(ERR_NOT_FOUND,), wait_if_error=(ERR_UNPLUG_PENDING,),
+            # Once the device is gone there is no going back: if a later step fails, the
+            # compensation is to make sure its remote does not outlive it.
+            undo=(_stop_remote(device_id, force=True),),
             why="the guest must acknowledge (ACPI/SHPC); the waiter is armed first",
         ),
         _stop_remote(device_id, force=False, why="exits once QEMU closes the proxy end"),

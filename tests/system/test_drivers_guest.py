@@ -1,0 +1,172 @@
+"""Both drivers with a real Linux guest (TCG): start with our edu and QEMU's lsi53c895a and the guest
+sees both; hot-plug a third and the guest sees it; hot-unplug one: the guest acknowledges,
+DEVICE_DELETED arrives, the remote exits; system_reset reaches every remote (DEVICE_RESET counted
+by our edu's QMP ``x-device-status``); stop leaves no process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, parse_spec
+from mpqemu_mgmt.orchestrate.channel import QmpChannel
+from mpqemu_mgmt.orchestrate.driver import DirectDriver, GuestRuntime, LibvirtDriver
+from mpqemu_mgmt.orchestrate.processes import pid_alive, wait_exit
+from tests.integration.orchestrate_helpers import processes_under, state_root  # noqa: F401
+from tests.system.guest_fixture import EDU, LSI, TESTDEV, guest_images, wait_seen
+from tests.system.libvirt_fixture import ensure_libvirtd
+
+RUN_AS = "nobody" if os.geteuid() == 0 else None
+
+
+def guest_spec(driver: str, images_dir: Path) -> GuestSpec:
+    img = guest_images(images_dir)
+    extra = 'uri = "qemu:///system"\n' if driver == "libvirt" else ""
+    return parse_spec(f"""
+name = "mpqt-{driver}-{uuid.uuid4().hex[:6]}"
+memory = "256M"
+machine = "pc"
+accel = "tcg"
+driver = "{driver}"
+{extra}
+[boot]
+kernel = "{img.kernel}"
+initrd = "{img.initrd}"
+cmdline = "console=ttyS0 panic=-1 quiet"
+[[device]]
+id = "edu0"
+model = "edu"
+backend = "builtin"
+[[device]]
+id = "lsi0"
+model = "lsi53c895a"
+backend = "qemu"
+""", f"{driver}-guest.toml")
+
+
+async def device_status(remote_qmp: str) -> dict[str, Any]:
+    chan = await QmpChannel.connect(remote_qmp, timeout=5)
+    try:
+        result = await chan.execute("x-device-status", timeout=5)
+        assert isinstance(result, dict)
+        return result
+    finally:
+        await chan.close()
+
+
+@pytest.mark.parametrize("driver_name", ["direct", "libvirt"])
+def test_guest_lifecycle(driver_name: str, state_root: Path) -> None:  # noqa: F811
+    if driver_name == "libvirt" and (reason := ensure_libvirtd()) is not None:
+        pytest.skip(reason)
+    spec = guest_spec(driver_name, state_root / "images")
+    driver = DirectDriver(state_root, run_as=RUN_AS) if driver_name == "direct" else LibvirtDriver(state_root)
+    console = Path(state_root / spec.name / "console.log")
+
+    async def main() -> None:
+        runtime: GuestRuntime = await driver.start(spec)
+        try:
+            # 1. the guest sees both devices present from the first boot.
+            await asyncio.to_thread(wait_seen, console, {EDU, LSI})
+
+            # 2. hot-plug a third: the guest sees it appear.
+            await driver.attach(runtime, DeviceSpec(id="t1", model="pci-testdev", backend="qemu"))
+            await asyncio.to_thread(wait_seen, console, {EDU, LSI, TESTDEV})
+
+            # 3. hot-unplug: DEVICE_DELETED waited inside detach; the remote exits; the guest let go.
+            lsi_remote = runtime.remotes["lsi0"]
+            await driver.detach(runtime, "lsi0")
+            assert await wait_exit(lsi_remote.pid, None, 5.0), "lsi0's remote still running"
+            assert "lsi0" not in runtime.remotes
+            await asyncio.to_thread(wait_seen, console, {EDU, TESTDEV}, {LSI})
+
+            # 4. system_reset: each remote receives DEVICE_RESET.
+            edu = runtime.remotes["edu0"]
+            before = (await device_status(edu.qmp_path))["messages"].get("DeviceReset", 0)
+            await driver.reset(runtime)
+            after = (await device_status(edu.qmp_path))["messages"].get("DeviceReset", 0)
+            assert after == before + 1
+            assert all(pid_alive(r.pid) for r in runtime.remotes.values())
+            # The rebooted guest comes back with the same devices.
+            await asyncio.to_thread(wait_seen, console, {EDU, TESTDEV}, {LSI})
+        finally:
+            pids = [runtime.pid, *(r.pid for r in runtime.remotes.values())]
+            await driver.stop(runtime, force=True)
+            if isinstance(driver, LibvirtDriver):
+                await driver.undefine(spec)
+        # 5. stop: no process left.
+        for pid in pids:
+            assert not pid_alive(pid)
+        assert processes_under(state_root) == []
+
+    asyncio.run(asyncio.wait_for(main(), 240))
+
+
+def test_failures_during_unplug_and_hard_reset_leave_nothing_behind(state_root: Path) -> None:  # noqa: F811
+    """A failure before each step of detach and of hard-reset: afterwards every device QEMU still has
+    is served by a live remote, and no remote runs for a device QEMU no longer has."""
+    from mpqemu_mgmt.errors import OrchestrationError
+    from mpqemu_mgmt.orchestrate.plans import Step, plan_for
+
+    spec = guest_spec("direct", state_root / "images")
+    driver = DirectDriver(state_root, run_as=RUN_AS)
+    console = Path(state_root / spec.name / "console.log")
+
+    class Injected(OrchestrationError):
+        pass
+
+    def inject(at: int):  # type: ignore[no-untyped-def]
+        def hook(index: int, step: Step) -> None:
+            if index == at:
+                raise Injected(f"before step {index} {step.op.value}")
+        return hook
+
+    async def plugged(runtime: GuestRuntime) -> set[str]:
+        items = await (await driver.channel(runtime)).execute(
+            "qom-list", {"path": "/machine/peripheral"}, timeout=10)
+        return {i["name"] for i in items if str(i.get("type", "")).startswith("child<")}
+
+    async def consistent(runtime: GuestRuntime) -> None:
+        in_qemu = await plugged(runtime)
+        assert set(runtime.remotes) == in_qemu
+        assert [d.id for d in runtime.spec.devices] == sorted(in_qemu, key=[
+            d.id for d in runtime.spec.devices].index)
+        for dev_id, remote in runtime.remotes.items():
+            assert pid_alive(remote.pid), f"{dev_id}: QEMU has it but its remote is dead"
+        live = {cmd for _, cmd in processes_under(state_root)}
+        for dev_id in {"t0", "t1", "edu0", "lsi0"} - in_qemu:
+            assert not any(f"remote-{dev_id}.qmp" in c or f"devid={dev_id}," in c for c in live), dev_id
+
+    async def main() -> None:
+        runtime = await driver.start(spec)
+        try:
+            await asyncio.to_thread(wait_seen, console, {EDU, LSI})
+            detach_steps = len(plan_for(runtime.spec, "detach", device_id="lsi0").steps)
+            for at in range(detach_steps):
+                dev_id = f"t{at}"
+                await driver.attach(runtime, DeviceSpec(id=dev_id, model="pci-testdev", backend="qemu"))
+                await asyncio.to_thread(wait_seen, console, {TESTDEV})
+                driver.before_step = inject(at)
+                with pytest.raises(Injected):
+                    await driver.detach(runtime, dev_id)
+                driver.before_step = None
+                await consistent(runtime)
+            hard = len(plan_for(runtime.spec, "hard-reset", device_id="edu0",
+                                placements=runtime.placements()).steps)
+            for at in range(hard):
+                if "edu0" not in runtime.remotes:
+                    break
+                driver.before_step = inject(at)
+                with pytest.raises(Injected):
+                    await driver.reset(runtime, "edu0")
+                driver.before_step = None
+                await consistent(runtime)
+        finally:
+            await driver.stop(runtime, force=True)
+        assert processes_under(state_root) == []
+
+    asyncio.run(asyncio.wait_for(main(), 240))
