@@ -15,6 +15,10 @@ one fake BAR) where stock QEMU would crash or shut down. For every case:
   SCM_RIGHTS), with one deliberate difference: SYNC_SYSMEM with 8 fds is accepted;
 * the set of open fds (/proc/self/fd) is the same before and after.
 
+``--target builtin`` sends the same cases to our real serve loop (``remote.serve.Remote`` with the
+pci-testdev model, guest memory and irq handling) in-process; the messages it handled (as a
+multiset) and its exit status (0 = eof, 1 = close) must match the same model.
+
 The test suite runs a slice of this (see tests/integration/test_protocol_fuzz.py). Must not be
 imported by production code.
 """
@@ -26,6 +30,7 @@ import array
 import itertools
 import os
 import random
+import signal
 import socket
 import struct
 import sys
@@ -336,13 +341,7 @@ def run_case(case: Case, source: _FdSource) -> tuple[Outcome, str | None]:
     processed: list[int] = []
     error: str | None = None
     try:
-        for chunk in case.chunks:
-            anc = []
-            if chunk.nfds:
-                fds = array.array("i", [source.fds[chunk.kind]] * chunk.nfds)
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
-            proxy.sendmsg([chunk.data], anc)
-        proxy.shutdown(socket.SHUT_WR)
+        _send_case(case, proxy, source)
         end = "eof"
         try:
             while True:
@@ -363,6 +362,74 @@ def run_case(case: Case, source: _FdSource) -> tuple[Outcome, str | None]:
         proxy.close()
         remote_sock.close()
     return Outcome(tuple(processed), end), error
+
+
+_CLASS_NAMES = {
+    0: "SyncSysmem",
+    2: "PciConfigWrite",
+    3: "PciConfigRead",
+    4: "BarWrite",
+    5: "BarRead",
+    6: "SetIrqfd",
+    7: "DeviceReset",
+}
+
+
+def _send_case(case: Case, proxy: socket.socket, source: _FdSource) -> None:
+    for chunk in case.chunks:
+        anc = []
+        if chunk.nfds:
+            fds = array.array("i", [source.fds[chunk.kind]] * chunk.nfds)
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
+        proxy.sendmsg([chunk.data], anc)
+    proxy.shutdown(socket.SHUT_WR)
+
+
+def run_case_builtin(
+    case: Case, source: _FdSource, device: str = "pci-testdev"
+) -> tuple[Outcome, str | None]:
+    """The same case against our real serve loop (mpqemu_mgmt.remote.serve.Remote) in-process.
+
+    The order of processed messages is not observable from outside, so the outcome carries the
+    commands sorted; the caller compares it with the sorted model outcome.
+    """
+    from mpqemu_mgmt.devices import catalogue
+    from mpqemu_mgmt.devices.base import DeviceHost
+    from mpqemu_mgmt.remote.irq import EventfdIrq
+    from mpqemu_mgmt.remote.memory import MappedGuestMemory
+    from mpqemu_mgmt.remote.serve import Remote
+    from mpqemu_mgmt.remote.timers import TimerQueue
+
+    proxy, remote_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    logs: list[str] = []
+    memory = MappedGuestMemory(logs.append)
+    irq = EventfdIrq(logs.append)
+    timers = TimerQueue()
+    host = DeviceHost(memory=memory, irq=irq, timers=timers, guest_error=logs.append)
+    remote = Remote(remote_sock, catalogue.create(device, host), memory, irq, timers, log=logs.append)
+    old = signal.signal(signal.SIGALRM, _watchdog)
+    try:
+        _send_case(case, proxy, source)
+        signal.setitimer(signal.ITIMER_REAL, 5.0)
+        status = remote.run()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        remote.close()
+        proxy.close()
+        remote_sock.close()
+    done = sorted(
+        c for name, n in remote.dispatcher.counts.items() for c in [_cmd_of(name)] * n if c is not None
+    )
+    return Outcome(tuple(done), "eof" if status == 0 else "close"), None if status == 0 else "exit 1"
+
+
+def _cmd_of(name: str) -> int | None:
+    return next((c for c, n in _CLASS_NAMES.items() if n == name), None)
+
+
+def _watchdog(signum: int, frame: object) -> None:
+    raise TimeoutError("case did not finish within 5 s")
 
 
 # ----------------------------------------------------------------------------- campaign
@@ -398,11 +465,13 @@ def _fd_set() -> frozenset[str]:
     return frozenset(os.listdir("/proc/self/fd"))
 
 
-def check_case(case: Case, source: _FdSource, report: Report) -> None:
+def check_case(case: Case, source: _FdSource, report: Report, target: str = "endpoint") -> None:
     before = _fd_set()
     expected = stock_model(case)
+    if target == "builtin":
+        expected = Outcome(tuple(sorted(expected.processed)), expected.end, expected.deviation)
     try:
-        got, error = run_case(case, source)
+        got, error = run_case_builtin(case, source) if target == "builtin" else run_case(case, source)
     except Exception as exc:  # the point of the campaign: nothing else may escape
         report.failures.append(f"escaped {type(exc).__name__}: {exc} in {case!r}")
         return
@@ -422,14 +491,16 @@ def check_case(case: Case, source: _FdSource, report: Report) -> None:
     report.deviations += expected.deviation
 
 
-def campaign(count: int, seed: int = 0, progress: Callable[[int], None] | None = None) -> Report:
+def campaign(
+    count: int, seed: int = 0, progress: Callable[[int], None] | None = None, target: str = "endpoint"
+) -> Report:
     rng = random.Random(seed)
     report = Report()
     source = _FdSource()
     start = time.monotonic()
     try:
         for i in range(count):
-            check_case(generate(rng), source, report)
+            check_case(generate(rng), source, report, target)
             if progress is not None and (i + 1) % 10000 == 0:
                 progress(i + 1)
     finally:
@@ -444,9 +515,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--count", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=20_250_701)
+    ap.add_argument(
+        "--target",
+        choices=("endpoint", "builtin"),
+        default="endpoint",
+        help="endpoint: transport + remote endpoint + minimal responder (default); "
+        "builtin: our real serve loop (remote.serve.Remote) with the pci-testdev model, in-process",
+    )
     args = ap.parse_args(argv)
     before = _fd_set()
-    report = campaign(args.count, args.seed, lambda n: print(f"... {n} cases", file=sys.stderr, flush=True))
+    print(f"target: {args.target}  seed: {args.seed}")
+    report = campaign(
+        args.count,
+        args.seed,
+        lambda n: print(f"... {n} cases", file=sys.stderr, flush=True),
+        args.target,
+    )
     leaked_overall = sorted(_fd_set() - before)
     print(report.summary())
     print(f"open fds before/after the whole campaign equal: {not leaked_overall}")
