@@ -144,7 +144,7 @@ def _run(args: argparse.Namespace, log: _Log) -> int:
 
     memory = MappedGuestMemory(log.warning)
     irq = EventfdIrq(log.warning)
-    timers = TimerQueue()
+    timers = TimerQueue(on_error=lambda exc: log.error(f"device model bug in a timer: {exc!r}"))
     host = DeviceHost(
         memory=memory,
         irq=irq,

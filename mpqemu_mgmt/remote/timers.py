@@ -14,8 +14,15 @@ from collections.abc import Callable
 
 
 class TimerQueue:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self._clock = clock
+        # where an exception from a model's callback goes (the remote logs it and keeps serving,
+        # as the dispatcher does for accesses); None re-raises
+        self._on_error = on_error
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._cancelled: set[int] = set()
@@ -46,7 +53,12 @@ class TimerQueue:
             if seq in self._cancelled:
                 self._cancelled.discard(seq)
                 continue
-            cb()
+            try:
+                cb()
+            except Exception as exc:
+                if self._on_error is None:
+                    raise
+                self._on_error(exc)
             ran += 1
         return ran
 
