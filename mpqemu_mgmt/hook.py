@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpqemu_mgmt.service.paths import StatePaths
+from mpqemu_mgmt.service.procfs import proc_start_time
 from mpqemu_mgmt.service.records import GuestRecord
 
 HOOK_NAME = "50-mpqemu-mgmt"
@@ -100,17 +101,6 @@ def token_valid(paths: StatePaths, guest: str, now: float | None = None) -> bool
     except PermissionError:
         pass  # alive, owned by another uid
     return True
-
-
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), or None when the pid is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
-    rest = raw[raw.rindex(")") + 2:].split()
-    return int(rest[19])
 
 
 def reap(paths: StatePaths, guest: str) -> list[int]:

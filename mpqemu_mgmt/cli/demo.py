@@ -1,0 +1,291 @@
+"""``mpqemu-mgmt demo``: the guided tour, with its own service instance in a scratch state directory.
+
+It boots the test guest (Debian's cloud kernel, a busybox initramfs that prints the guest's PCI bus
+whenever it changes) with our edu and a stock QEMU lsi53c895a, both confined; shows what the guest
+sees; hot-plugs our pci-testdev; SIGKILLs a remote and shows the detection and the replug; stops
+cleanly and checks that no process is left; then prints a summary with the timings. Everything
+goes through the same Daemon handlers the control API serves. Must not reach into the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpqemu_mgmt.errors import MpqemuError, ProcessFailed
+
+# The guest's /guest/watch.sh: print the PCI bus once, then again whenever it changes.
+WATCH = r"""
+echo "DEMO-READY"
+prev=""
+while :; do
+  cur=""
+  for d in /sys/bus/pci/devices/*; do
+    [ -e "$d/vendor" ] && cur="$cur ${d##*/}=$(cat "$d/vendor"):$(cat "$d/device")"
+  done
+  if [ "$cur" != "$prev" ]; then echo "PCISET$cur"; prev="$cur"; fi
+  sleep 0.2
+done
+"""
+
+NAMES = {
+    "0x1234:0x11e8": "edu (ours, builtin remote)",
+    "0x1000:0x0012": "lsi53c895a (stock QEMU x-remote)",
+    "0x1b36:0x0005": "pci-testdev (ours, hot-plugged)",
+    "0x8086:0x1237": "i440FX host bridge",
+    "0x8086:0x7000": "PIIX3 ISA bridge",
+    "0x8086:0x7010": "PIIX3 IDE",
+    "0x8086:0x7113": "PIIX4 ACPI",
+}
+EDU, LSI, TESTDEV = "0x1234:0x11e8", "0x1000:0x0012", "0x1b36:0x0005"
+
+
+@dataclass
+class Summary:
+    steps: list[tuple[str, float, str]] = field(default_factory=list)
+    figures: dict[str, str] = field(default_factory=dict)
+    ok: bool = True
+
+
+def pci_sets(console: Path) -> list[dict[str, str]]:
+    """Every PCI bus listing the guest printed so far: ``{bdf: vendor:device}``. Pure on the text."""
+    try:
+        text = console.read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        if "PCISET" in line:
+            items = line.split("PCISET", 1)[1].split()
+            out.append(dict(item.split("=", 1) for item in items if "=" in item))
+    return out
+
+
+async def wait_bus(console: Path, want: set[str], gone: set[str], timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        sets = pci_sets(console)
+        if sets:
+            last = sets[-1]
+            ids = set(last.values())
+            if want <= ids and not (gone & ids):
+                return last
+        await asyncio.sleep(0.2)
+    raise ProcessFailed(f"the guest did not show {sorted(want)} (without {sorted(gone)}) "
+                        f"within {timeout:.0f}s", last=last)
+
+
+def guest_images(into: Path) -> tuple[Path, Path]:
+    from mpqemu_mgmt.guestkit.initramfs import GuestScript, build_initramfs, store_initramfs
+    from mpqemu_mgmt.guestkit.kernel import fetch_kernel
+
+    kernel = fetch_kernel()
+    image = store_initramfs(build_initramfs(kernel, GuestScript(text=WATCH, name="watch.sh")))
+    into.mkdir(parents=True, exist_ok=True)
+    k, i = into / "vmlinuz", into / "initrd.cpio"
+    shutil.copyfile(kernel.vmlinuz, k)
+    shutil.copyfile(image, i)
+    into.chmod(0o755)
+    for p in (k, i):
+        p.chmod(0o644)  # the main QEMU runs unprivileged and reads them
+    return k, i
+
+
+def spec_text(kernel: Path, initrd: Path) -> str:
+    return f"""name = "demo"
+memory = "256M"
+machine = "pc"
+accel = "tcg"
+driver = "direct"
+
+[boot]
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "console=ttyS0 quiet panic=-1"
+
+[[device]]
+id = "edu0"
+model = "edu"
+backend = "builtin"
+on_failure = "replug"
+
+[[device]]
+id = "lsi0"
+model = "lsi53c895a"
+backend = "qemu"
+on_failure = "replug"
+"""
+
+
+def _bus_lines(bus: dict[str, str], highlight: set[str]) -> list[str]:
+    lines = []
+    for bdf, vd in sorted(bus.items()):
+        mark = "»" if vd in highlight else " "
+        lines.append(f"   {mark} {bdf}  {vd}  {NAMES.get(vd, '')}")
+    return lines
+
+
+def _alive(pid: int) -> bool:
+    from mpqemu_mgmt.service.procfs import proc_start_time
+
+    return proc_start_time(pid) is not None
+
+
+async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> None:
+    from mpqemu_mgmt.domain.spec import parse_spec
+    from mpqemu_mgmt.orchestrate.heartbeat import Settings
+    from mpqemu_mgmt.service.control import Peer
+    from mpqemu_mgmt.service.daemon import Daemon
+    from mpqemu_mgmt.service.events import Event
+    from mpqemu_mgmt.service.paths import StatePaths
+
+    t_all = time.monotonic()
+    paths = StatePaths(root / "state", root / "state")
+    daemon = Daemon(paths, Settings())
+    seen: list[tuple[float, Event]] = []
+    daemon.events.listeners.append(lambda ev: seen.append((time.monotonic(), ev)))
+    peer = Peer(os.geteuid(), os.getpid())
+
+    async def call(command: str, **args: Any) -> Any:
+        async def progress(text: str) -> None:
+            out(f"   … {text}")
+        return await daemon.handle(command, args, peer, progress)
+
+    def step(title: str, t0: float, note: str = "") -> None:
+        dt = time.monotonic() - t0
+        summary.steps.append((title, dt, note))
+        out(f"   ✓ {title} ({dt:.1f} s){' — ' + note if note else ''}")
+
+    await daemon.open(serve=True)
+    try:
+        out("1. Test guest: Debian cloud kernel + busybox initramfs (cached after the first run)")
+        t0 = time.monotonic()
+        kernel, initrd = await asyncio.to_thread(guest_images, root / "images")
+        step("guest images ready", t0)
+
+        out("2. Define and start the guest: main QEMU paused, two confined remotes plugged, then run")
+        spec = parse_spec(spec_text(kernel, initrd), "demo.toml")
+        await call("define", spec=spec.to_dict(), source="demo.toml")
+        t0 = time.monotonic()
+        await call("start", name="demo")
+        status = await call("status", name="demo")
+        step("guest running", t0, f"main QEMU pid {status['pid']}")
+        for d in status["devices"]:
+            c = d["confinement"]
+            out(f"     {d['id']:<6} {d['model']:<12} {d['backend']:<8} pid {d['pid']:<7} uid {c.get('uid')} "
+                f"seccomp {c.get('seccomp')} namespaces {','.join(c.get('namespaces') or []) or '-'}")
+
+        out("3. What the guest sees on its PCI bus (read from its serial console)")
+        console = Path(status.get("console") or paths.guest_dir("demo") / "console.log")
+        t0 = time.monotonic()
+        bus = await wait_bus(console, {EDU, LSI}, set(), 90)
+        step("guest booted and listed its bus", t0)
+        for line in _bus_lines(bus, {EDU, LSI}):
+            out(line)
+
+        out("4. Hot-plug our pci-testdev (attach demo id=t1 model=pci-testdev backend=builtin)")
+        t0 = time.monotonic()
+        res = await call("attach", name="demo", device={"id": "t1", "model": "pci-testdev",
+                                                        "backend": "builtin"})
+        bus = await wait_bus(console, {EDU, LSI, TESTDEV}, set(), 60)
+        step("guest sees the new device", t0, f"remote pid {res['pid']}")
+        for line in _bus_lines(bus, {TESTDEV}):
+            out(line)
+
+        out("5. SIGKILL the edu remote: the supervisor sees it die, then replugs a fresh confined remote")
+        status = await call("status", name="demo")
+        victim = next(d for d in status["devices"] if d["id"] == "edu0")
+        mark = len(seen)
+        t_kill = time.monotonic()
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        out(f"     kill -9 {victim['pid']}")
+
+        async def event(kind: str, device: str, timeout: float) -> float:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for t, ev in seen[mark:]:
+                    if ev.kind == kind and ev.device == device:
+                        return t
+                await asyncio.sleep(0.005)
+            raise ProcessFailed(f"no {kind!r} event for {device} within {timeout:.0f}s")
+
+        t_dead = await event("dead", "edu0", 5)
+        detect_ms = (t_dead - t_kill) * 1000
+        out(f"     detected dead after {detect_ms:.1f} ms (pidfd)")
+        t_replugged = await event("replugged", "edu0", 60)
+        t_healthy = await event("healthy", "edu0", 10)
+        status = await call("status", name="demo")
+        fresh = next(d for d in status["devices"] if d["id"] == "edu0")
+        bus = await wait_bus(console, {EDU, LSI, TESTDEV}, set(), 30)
+        step("edu0 replugged and healthy", t_kill,
+             f"new pid {fresh['pid']}, restarts {fresh['restarts']}")
+        summary.figures["dead remote detected (SIGKILL → event)"] = f"{detect_ms:.1f} ms"
+        summary.figures["replug done (unplug acked, fresh remote, plug)"] = f"{t_replugged - t_kill:.1f} s"
+        summary.figures["replugged remote answers query-status"] = f"{t_healthy - t_kill:.1f} s"
+        for _t, ev in seen[mark:]:
+            if ev.device == "edu0":
+                out(f"     event {ev.kind:<17} {ev.detail}")
+
+        out("6. Stop the guest (--force: the busybox guest runs no ACPI daemon to act on a powerdown);")
+        out("   nothing may be left running")
+        pids = [status["pid"], *(d["pid"] for d in status["devices"] if d["pid"])]
+        t0 = time.monotonic()
+        await call("stop", name="demo", force=True)
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = [p for p in pids if _alive(p)]
+        if left:
+            summary.ok = False
+            raise ProcessFailed(f"processes left after stop: {left}", pids=left)
+        step("guest stopped", t0, f"{len(pids)} processes gone")
+        await call("undefine", name="demo")
+    finally:
+        with contextlib.suppress(Exception):
+            if "demo" in daemon.runtimes:
+                await call("stop", name="demo", force=True)
+        await daemon.close()
+        summary.figures["whole demo"] = f"{time.monotonic() - t_all:.1f} s"
+
+
+def run_demo(ctx: Any, keep: bool = False) -> int:
+    """The ``demo`` command. Returns the exit code."""
+    def out(text: str) -> None:
+        print(text, file=ctx.stdout, flush=True)
+
+    root = Path(tempfile.mkdtemp(prefix="mpqemu-demo-", dir="/tmp"))
+    root.chmod(0o711)
+    summary = Summary()
+    out("mpqemu-mgmt demo: one guest, PCI devices in confined processes, supervised")
+    out(f"(scratch state in {root}; the demo runs its own service instance)\n")
+    error: MpqemuError | None = None
+    try:
+        asyncio.run(_demo(out, root, summary))
+    except MpqemuError as exc:
+        error = exc
+        summary.ok = False
+    out("\nSummary")
+    for title, dt, note in summary.steps:
+        out(f"  {title:<36} {dt:6.1f} s  {note}")
+    for k, v in summary.figures.items():
+        out(f"  {k:<48} {v}")
+    if error is not None:
+        out(f"  FAILED: {error.message}")
+        out(f"  state kept in {root} (mpqemu-mgmt --state-dir {root}/state events)")
+        return error.exit_code
+    out("  result: OK")
+    if keep:
+        out(f"  state kept in {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
