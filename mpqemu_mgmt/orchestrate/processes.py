@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from mpqemu_mgmt.domain.spec import DeviceSpec
 from mpqemu_mgmt.errors import MpqemuError, ProcessFailed, StepTimeout
 from mpqemu_mgmt.orchestrate.qemu_argv import fill
 from mpqemu_mgmt.orchestrate.runtime import RemoteRuntime
@@ -37,8 +38,13 @@ class Spawned:
 
 
 class RemoteLauncher(Protocol):
+    """``argv`` is the plan's command line; a launcher that builds its own (confined.py) uses
+    ``device`` and ``qemu_binary`` instead."""
+
     async def launch(self, device_id: str, argv: Sequence[str], *, qmp_path: str, log_path: str,
-                     backing: str | None, readonly: bool, timeout: float) -> Spawned: ...
+                     backing: str | None, readonly: bool, timeout: float,
+                     device: DeviceSpec | None = None,
+                     qemu_binary: str = "qemu-system-x86_64") -> Spawned: ...
 
     async def stop(self, remote: RemoteRuntime, *, timeout: float, force: bool) -> None: ...
 
@@ -205,7 +211,8 @@ class ProcessLauncher:
         self._owner = resolve_user(run_as)
 
     async def launch(self, device_id: str, argv: Sequence[str], *, qmp_path: str, log_path: str,
-                     backing: str | None, readonly: bool, timeout: float) -> Spawned:
+                     backing: str | None, readonly: bool, timeout: float,
+                     device: DeviceSpec | None = None, qemu_binary: str = "qemu-system-x86_64") -> Spawned:
         proxy_end, remote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         keep = [remote_end.fileno()]
         backing_fd: int | None = None

@@ -132,7 +132,7 @@ class Runner:
         spawned = await self.launcher.launch(
             dev_id, step.argv, qmp_path=self._paths.remote_qmp(dev_id),
             log_path=self._paths.remote_log(dev_id), backing=dev.backing, readonly=dev.readonly,
-            timeout=step.timeout)
+            timeout=step.timeout, device=dev, qemu_binary=self.runtime.spec.qemu_binary)
         self.runtime.remotes[dev_id] = spawned.runtime
         self._held[f"proxy:{dev_id}"] = spawned.proxy_end
 

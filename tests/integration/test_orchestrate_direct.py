@@ -166,3 +166,34 @@ def test_remote_that_dies_at_start_is_reported(state_root: Path) -> None:  # noq
         assert "no-such-device" in info.value.message
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_confined_remotes(state_root: Path) -> None:  # noqa: F811
+    """The same start/attach/stop with confine.launcher's remotes (uid, rlimits, bwrap namespaces)."""
+    if os.geteuid() != 0:
+        pytest.skip("confined remotes need root (dedicated uid, namespaces)")
+    from mpqemu_mgmt.orchestrate.confined import ConfinedLauncher
+
+    s = parse_spec('name = "conf"\n[[device]]\nid = "edu0"\nmodel = "edu"\n'
+                   '[[device]]\nid = "lsi0"\nmodel = "lsi53c895a"\nbackend = "qemu"\n')
+
+    async def main() -> None:
+        driver = DirectDriver(state_root, run_as=RUN_AS, launcher=ConfinedLauncher())
+        runtime = await driver.start(s)
+        try:
+            for remote in runtime.remotes.values():
+                assert remote.confinement["uid"] != 0
+                assert remote.confinement["namespaces"], remote.confinement
+                assert _uid(remote.pid) != 0
+            assert runtime.remotes["edu0"].confinement["seccomp"] == "enforce"
+            assert runtime.remotes["lsi0"].confinement["seccomp"] == "qemu-sandbox"
+            await driver.attach(runtime, DeviceSpec(id="t1", model="pci-testdev", backend="builtin"))
+            assert await _ids(driver, runtime) >= {"edu0", "lsi0", "t1"}
+            await driver.reset(runtime)
+        finally:
+            pids = [runtime.pid, *(r.pid for r in runtime.remotes.values())]
+            await driver.stop(runtime, force=True)
+        for pid in pids:
+            assert not pid_alive(pid)
+
+    asyncio.run(asyncio.wait_for(main(), 90))
