@@ -41,15 +41,18 @@ tries=0
 while [ ! -b /dev/vda ] && [ $tries -lt 100 ]; do usleep 50000; tries=$((tries + 1)); done
 [ -b /dev/vda ] || {{ bad vda "no /dev/vda"; ls /sys/bus/pci/devices; exit 9; }}
 ok vda "$(cat /sys/block/vda/size) sectors"
-irqs() {{ awk '/virtio/ {{ s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; t += s }} END {{ print t + 0 }}' /proc/interrupts; }}
+irqs() {{ awk '/virtio/ {{ for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) t += $i }} \\
+  END {{ print t + 0 }}' /proc/interrupts; }}
 before=$(irqs)
 yes "{PATTERN_LINE.strip()}" | head -c {PATTERN_BYTES} > /tmp/pattern
 dd if=/tmp/pattern of=/dev/vda bs=4096 seek={SEEK_BLOCKS} conv=fsync 2>/dev/null && ok dd_out || bad dd_out
 echo 3 > /proc/sys/vm/drop_caches
-dd if=/dev/vda of=/tmp/back bs=4096 skip={SEEK_BLOCKS} count={PATTERN_BYTES // 4096} 2>/dev/null && ok dd_in || bad dd_in
+dd if=/dev/vda of=/tmp/back bs=4096 skip={SEEK_BLOCKS} count={PATTERN_BYTES // 4096} 2>/dev/null \\
+  && ok dd_in || bad dd_in
 cmp /tmp/pattern /tmp/back && ok readback || bad readback
 after=$(irqs)
-[ "$after" -gt "$before" ] && ok virtio_interrupts "$before -> $after" || bad virtio_interrupts "$before -> $after"
+[ "$after" -gt "$before" ] && ok virtio_interrupts "$before -> $after" \\
+  || bad virtio_interrupts "$before -> $after"
 grep virtio /proc/interrupts
 echo "--- edu"
 sh /guest/edu_irq_uio.sh || fail=$((fail + $?))
