@@ -65,6 +65,7 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
 
 
+LIST_COLUMNS = ("name", "state", "driver", "devices", "unhealthy", "restarts")
 DEVICE_COLUMNS = ("id", "model", "backend", "pid", "health", "restarts", "seccomp", "namespaces", "uid")
 
 
@@ -85,6 +86,8 @@ def render(obj: Any, fmt: str, kind: str = "") -> str:
         return to_json(obj)
     if kind == "status" and isinstance(obj, Mapping):
         return status_table(obj)
+    if kind == "list" and isinstance(obj, list):
+        return table(obj, LIST_COLUMNS)
     if isinstance(obj, Mapping):
         return fields(obj)
     if isinstance(obj, list) and all(isinstance(r, Mapping) for r in obj):
