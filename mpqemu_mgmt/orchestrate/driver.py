@@ -25,8 +25,9 @@ libvirt, which owns the monitor), ``console_log``, and ``remotes[device_id]`` â†
   ``VIR_DOMAIN_START_PAUSED``, then plugs devices through :class:`LibvirtChannel`
   (``qemuMonitorCommandWithFiles``); a non-local URI is refused before anything changes.
 
-Remotes are started by a :class:`RemoteLauncher` (default :class:`ProcessLauncher`; the confinement
-launcher plugs in through the same protocol). Tests pass ``before_step`` to inject failures.
+Remotes are started by a :class:`RemoteLauncher`: by default confined.py's ConfinedLauncher
+(confine.launcher) when root with bubblewrap, else :class:`ProcessLauncher` (plain, as ``run_as``).
+Tests pass ``before_step`` to inject failures.
 This module must not build XML or QMP by hand: plans come from plans.py, XML from the designer.
 """
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -63,6 +65,16 @@ if TYPE_CHECKING:  # libvirt_host imports libvirt; the direct driver must work w
     from mpqemu_mgmt.domain.libvirt_host import LibvirtGuest, LibvirtHost
 
 __all__ = ["DirectDriver", "GuestDriver", "GuestRuntime", "LibvirtDriver", "RemoteRuntime"]
+
+
+def default_launcher(run_as: str | None) -> RemoteLauncher:
+    """Confined remotes (confine.launcher: own uid, rlimits, bwrap, seccomp) when we are root and
+    bubblewrap is installed; otherwise plain processes as ``run_as``."""
+    if os.geteuid() == 0 and shutil.which("bwrap"):
+        from mpqemu_mgmt.orchestrate.confined import ConfinedLauncher
+
+        return ConfinedLauncher()
+    return ProcessLauncher(run_as)
 
 
 class GuestDriver(Protocol):
@@ -246,7 +258,7 @@ class DirectDriver(_BaseDriver):
 
     def __init__(self, state_root: str | Path, *, run_as: str | None = "nobody",
                  launcher: RemoteLauncher | None = None, before_step: StepHook | None = None) -> None:
-        super().__init__(state_root, launcher=launcher or ProcessLauncher(run_as), before_step=before_step)
+        super().__init__(state_root, launcher=launcher or default_launcher(run_as), before_step=before_step)
         self.run_as = run_as
         self._user = resolve_user(run_as)
 
@@ -310,7 +322,7 @@ class LibvirtDriver(_BaseDriver):
 
     def __init__(self, state_root: str | Path, *, run_as: str | None = "nobody",
                  launcher: RemoteLauncher | None = None, before_step: StepHook | None = None) -> None:
-        super().__init__(state_root, launcher=launcher or ProcessLauncher(run_as), before_step=before_step)
+        super().__init__(state_root, launcher=launcher or default_launcher(run_as), before_step=before_step)
         self._user = resolve_user(run_as)
         from mpqemu_mgmt.domain.libvirt_host import LibvirtHost as host_cls
 
