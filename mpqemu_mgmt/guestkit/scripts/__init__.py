@@ -12,6 +12,14 @@ from importlib import resources
 from mpqemu_mgmt.errors import GuestKitError
 from mpqemu_mgmt.guestkit.initramfs import GuestScript
 
+# edu_check.sh / edu_irq_uio.sh: a 1 MiB window of guest RAM reserved from the kernel (memmap=…$…,
+# so STRICT_DEVMEM lets /dev/mem reach it) for DMA buffers, below edu's default 28-bit dma_mask
+# (hw/misc/edu.c edu_instance_init) and inside the default 256 MiB guest; iomem=relaxed lets
+# devmem touch a BAR even while a driver (uio_pci_generic) holds it.
+EDU_DMA_BASE = 0x7000000
+EDU_APPEND: tuple[str, ...] = ("iomem=relaxed", f"memmap=1M${EDU_DMA_BASE:#x}")
+EDU_ENV: dict[str, str] = {"EDU_DMA_BASE": f"{EDU_DMA_BASE:#x}"}
+
 
 def script_text(name: str) -> str:
     """The text of the shipped script ``name`` (e.g. ``"edu_check.sh"``)."""
