@@ -12,8 +12,12 @@ reaper; the device process is that reaper's only child, and its host pid gets a 
 end in SIGSEGV and SIGTERM would be ignored; pid_namespaces(7).)
 
 Every fd the launcher opened is closed, and every process it started is killed, on every
-failure path. Must not decide policy (that is the profile) or build argv by hand (remote_argv,
-namespaces, credentials do).
+failure path. With ``die_with_parent`` (the default) the remote dies with the *thread* that
+called :func:`launch` (PR_SET_PDEATHSIG semantics), so call it from a thread that lives as long
+as the remote should (the event loop's default executor does).
+
+Must not decide policy (that is the profile) or build argv by hand (remote_argv, namespaces,
+credentials do).
 """
 
 from __future__ import annotations
@@ -338,7 +342,8 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
             info_r, info_w = os.pipe2(os.O_CLOEXEC)
             owned.append(info_w)
             sandbox = namespaces.Sandbox(ro_binds=_code_paths(request, profile),
-                                         symlinks=_host_symlinks())
+                                         symlinks=_host_symlinks(),
+                                         die_with_parent=profile.die_with_parent)
             bwrap = shutil.which(profile.bwrap) or profile.bwrap
             argv += namespaces.bwrap_argv(bwrap, sandbox, inner, info_fd=info_w)
         else:

@@ -69,6 +69,9 @@ class ConfinementProfile:
     rlimits: Rlimits = field(default_factory=Rlimits)
     #: wrap in bubblewrap namespaces (user, pid, net, ipc, uts, cgroup, mount)
     namespaces: bool = True
+    #: bwrap --die-with-parent: the remote gets SIGKILL when its launcher dies. PR_SET_PDEATHSIG
+    #: follows the *thread* that spawned it (prctl(2)), so launch from a long-lived thread.
+    die_with_parent: bool = True
     bwrap: str = "bwrap"
     #: extra read-only host paths visible inside (beyond /usr, the code and the venv)
     ro_binds: tuple[str, ...] = ()
