@@ -236,11 +236,11 @@ def _bind_qmp(path: Path) -> socket.socket:
             path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        old = os.umask(0o177)  # the socket is created 0600: no window where others can connect
-        try:
-            listener.bind(str(path))
-        finally:
-            os.umask(old)
+        # Linux creates the socket file with the socket inode's mode (net/unix/af_unix.c
+        # unix_bind): fchmod before bind makes it 0600 from the start, without touching the
+        # process-wide umask that other launcher threads share
+        os.fchmod(listener.fileno(), 0o600)
+        listener.bind(str(path))
         os.chmod(path, 0o600)
         listener.listen(4)
     except OSError as exc:
