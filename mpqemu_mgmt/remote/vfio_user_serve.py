@@ -407,6 +407,7 @@ class VfioUserSession:
             self.device.set_level(True)
         self._depth = 0
         self.rejected = 0
+        self.counts: dict[str, int] = {}
         self.qmp: Any = None
 
     # -- DMA by message (client memory not shared by fd) --------------------------------------
@@ -467,6 +468,8 @@ class VfioUserSession:
                 return  # a reply to nothing we wait for: dropped
             assert isinstance(event, RequestReceived)
             request = event.request
+            name = wire.Command(raw.header.command).name
+            self.counts[name] = self.counts.get(name, 0) + 1
             if isinstance(request, m.DmaMap | m.SetIrqs):
                 adopted = tuple(raw.fds)  # the dispatcher owns them from here, on every path
             outcome = self.device.handle(request)
@@ -502,7 +505,7 @@ class VfioUserSession:
         out.update(
             pid=os.getpid(),
             transport="vfio-user",
-            messages={"received": self.transport.received, "sent": self.transport.sent},
+            messages={"received": self.transport.received, "sent": self.transport.sent, **self.counts},
             errors=self.rejected,
             memory={"windows": self.windows.windows()},
             irq={"level": self.device.intx.level, "masked": self.device.intx.masked},

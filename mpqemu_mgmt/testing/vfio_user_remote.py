@@ -39,6 +39,7 @@ class VfioUserRemote:
         workdir: Path | None = None,
         extra_args: Sequence[str] = (),
         accept_timeout: float = 60.0,
+        qmp: bool = False,
     ) -> None:
         self.model = model
         self.dev_id = dev_id
@@ -52,6 +53,10 @@ class VfioUserRemote:
         self.backing = backing
         self.seccomp = seccomp
         self.extra_args = tuple(extra_args)
+        #: the remote's own QMP monitor (heartbeat, x-device-status), when asked for
+        self.qmp_path = self.dir / f"{dev_id}.qmp" if qmp else None
+        if self.qmp_path is not None:
+            self.extra_args += ("--qmp", str(self.qmp_path))
         self.stderr_path = self.dir / f"{dev_id}.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
         self.error: BaseException | None = None
