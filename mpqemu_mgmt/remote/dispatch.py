@@ -62,7 +62,7 @@ class MpqemuDispatcher:
         self.irq = irq
         self._log = log or (lambda _m: None)
         self._debug = debug or (lambda _m: None)
-        self.counts: dict[str, int] = {}
+        self.counts: dict[type, int] = {}
         self.errors = 0
 
     def _error(self, what: str, exc: BaseException | None = None) -> Ret:
@@ -77,8 +77,10 @@ class MpqemuDispatcher:
 
     def handle(self, msg: Message) -> Ret | None:
         """Apply ``msg``; return the RET to send, or None for messages that get no reply."""
-        name = type(msg).__name__
-        self.counts[name] = self.counts.get(name, 0) + 1
+        kind = type(msg)
+        counts = self.counts
+        counts[kind] = counts.get(kind, 0) + 1
+        # BAR and config accesses are the hot path (one per guest access): test them first
         if isinstance(msg, BarRead):
             return self._bar_read(msg)
         if isinstance(msg, BarWrite):
@@ -114,6 +116,10 @@ class MpqemuDispatcher:
         # A RET from the proxy: nothing to do (the endpoint refuses it in the first place).
         close_message(msg)
         return None
+
+    def message_counts(self) -> dict[str, int]:
+        """Messages handled so far, by message type name (for x-device-status)."""
+        return {k.__name__: v for k, v in self.counts.items()}
 
     @staticmethod
     def _bad_size(size: int) -> bool:

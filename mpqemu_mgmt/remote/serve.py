@@ -70,7 +70,7 @@ class Remote:
         out = dict(self.model.status())
         out.update(
             pid=os.getpid(),
-            messages=dict(self.dispatcher.counts),
+            messages=self.dispatcher.message_counts(),
             errors=self.dispatcher.errors,
             memory={
                 "regions": self.memory.regions(),
@@ -101,36 +101,44 @@ class Remote:
                 raise
         return True
 
+    def _watch_key(self) -> tuple[int | None, int | None]:
+        qmp_fd = self.qmp.filenos()[0] if self.qmp is not None else None
+        return self.irq.resample_fileno, qmp_fd
+
     def run(self) -> int:
         """Serve until the proxy closes the socket (0), QMP quit (0) or a protocol error (1)."""
         sock_fd = self.sock.fileno()
         poller = select.poll()
         poller.register(sock_fd, _IN)
-        watched: set[int] = set()
+        key: tuple[int | None, int | None] = (None, None)
+        timers = self.timers
         try:
             while True:
-                self.timers.run_due()
-                wanted = {fd for fd in (self.irq.resample_fileno,) if fd is not None}
-                if self.qmp is not None:
-                    wanted.update(self.qmp.filenos())
-                for fd in watched - wanted:
-                    poller.unregister(fd)
-                for fd in wanted - watched:
-                    poller.register(fd, _IN)
-                watched = wanted
-                timeout = self.timers.timeout()
-                ms = -1 if timeout is None else int(timeout * 1000) + 1
+                if timers:
+                    timers.run_due()
+                # re-register only when SET_IRQFD or a QMP (dis)connection changed the fd set:
+                # this loop runs once per guest access, so it stays lean
+                new_key = self._watch_key()
+                if new_key != key:
+                    for fd in key:
+                        if fd is not None:
+                            poller.unregister(fd)
+                    for fd in new_key:
+                        if fd is not None:
+                            poller.register(fd, _IN)
+                    key = new_key
+                timeout = timers.timeout() if timers else None
                 try:
-                    events = poller.poll(ms)
+                    events = poller.poll(-1 if timeout is None else int(timeout * 1000) + 1)
                 except InterruptedError:
                     continue
                 for fd, _ev in events:
                     if fd == sock_fd:
                         if not self._handle_message():
                             return 0
-                    elif fd == self.irq.resample_fileno:
+                    elif fd == key[0]:
                         self.irq.on_resample()
-                    elif self.qmp is not None and fd in watched:
+                    elif self.qmp is not None and fd == key[1]:
                         # a hung-up client reads as EOF in on_readable and is dropped there
                         self.qmp.on_readable(fd)
                         if self.qmp.quit_requested:

@@ -64,3 +64,6 @@ class TimerQueue:
 
     def __len__(self) -> int:
         return len(self._heap) - len(self._cancelled)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)

@@ -334,7 +334,7 @@ def fuzz_model(name: str, accesses: int, seed: int) -> Result:
         result.dma_accesses = checked.accesses
         result.model_errors = disp.errors
         result.irq_edges = irq.edges
-        result.counts = dict(disp.counts)
+        result.counts = disp.message_counts()
         result.status = model.status()
         return result
     finally:
