@@ -104,9 +104,11 @@ def boot(spec: BootSpec, timeout: float = 60.0, serial_log: Path | None = None) 
         serial_log.write_text(transcript)
     status = parse_status(transcript, nonce)
     if status is None or marker_at is None:
+        tail = "\n".join(f"  | {line}" for line in (transcript + _text(err)).strip().splitlines()[-8:])
         raise ProcessFailed(
             "test guest did not finish its script"
-            + (f" within {timeout:.0f} s" if total >= timeout else f" (QEMU exited {proc.returncode})"),
+            + (f" within {timeout:.0f} s" if total >= timeout else f" (QEMU exited {proc.returncode})")
+            + (f"; last output:\n{tail}" if tail else "; no output"),
             transcript=transcript[-8000:],
             stderr=_text(err)[-4000:],
             argv=argv,

@@ -143,13 +143,17 @@ def fetch_kernel(package: str | None = None, cache: Path | None = None) -> Kerne
     cannot resolve the meta package, the newest kernel already in the cache is used.
     """
     base = (cache or cache_root()) / "kernel"
-    if package is None:
-        try:
-            package = resolve_package()
-        except GuestKitError:
-            cached = sorted(p.name for p in base.glob("linux-image-*") if p.is_dir()) if base.is_dir() else []
-            if not cached:
-                raise
-            package = cached[-1]
-    item = build_once(base / package, lambda tmp: _download_and_extract(package, tmp))
-    return Kernel(package, item / "root")
+    cached = sorted(p.name for p in base.glob("linux-image-*") if p.is_dir()) if base.is_dir() else []
+    if package is not None:
+        wanted = package
+        item = build_once(base / wanted, lambda tmp: _download_and_extract(wanted, tmp))
+        return Kernel(wanted, item / "root")
+    try:
+        current = resolve_package()
+        item = build_once(base / current, lambda tmp: _download_and_extract(current, tmp))
+        return Kernel(current, item / "root")
+    except GuestKitError:
+        # No apt, stale lists or no mirror: an older kernel from the cache boots the guest just as well.
+        if not cached:
+            raise
+        return Kernel(cached[-1], base / cached[-1] / "root")

@@ -35,8 +35,11 @@ def module_name(filename: str) -> str:
 def decompress(filename: str, blob: bytes) -> bytes:
     """Return the raw ELF of a module file, whatever compression its name says.
 
-    busybox 1.35's ``insmod`` hands the file straight to init_module(2) (modutils/modutils.c
-    ``bb_init_module`` with ``try_to_mmap_module``), so the guest must get a plain ``.ko``.
+    busybox's ``insmod`` (modutils/modutils.c ``bb_init_module``) tries finit_module(2), then
+    mmaps a file only if it starts with the ELF magic (``try_to_mmap_module``), and only then falls
+    back to a decompressing read whose formats depend on busybox's SEAMLESS_* build options; zstd is
+    not among them in 1.35. Giving the guest plain ``.ko`` files removes the dependence on both the
+    guest kernel's and busybox's decompression support. (Debian 12's cloud kernel ships plain ``.ko``.)
     """
     if filename.endswith(".ko"):
         return blob
