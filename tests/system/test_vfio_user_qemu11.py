@@ -26,6 +26,7 @@ DISK_BYTES = 16 << 20
 SEEK_BLOCKS = 16  # the pattern lands at 16 * 4096 in the backing file
 PATTERN_LINE = "MPQEMU-VFIO-USER-PATTERN-0123456789\n"
 PATTERN_BYTES = 64 * 1024
+DMA_BASE = 0x8000000  # a reserved 1 MiB of guest RAM for edu_check's DMA buffers
 
 
 def expected_pattern() -> bytes:
@@ -54,7 +55,9 @@ after=$(irqs)
 [ "$after" -gt "$before" ] && ok virtio_interrupts "$before -> $after" \\
   || bad virtio_interrupts "$before -> $after"
 grep virtio /proc/interrupts
-echo "--- edu"
+echo "--- edu_check"
+sh /guest/edu_check.sh || fail=$((fail + $?))
+echo "--- edu_irq"
 sh /guest/edu_irq_uio.sh || fail=$((fail + $?))
 exit $fail
 """
@@ -96,7 +99,10 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     with open(disk, "wb") as f:
         f.truncate(DISK_BYTES)
     script = GuestScript(
-        BLK_SCRIPT, name="main.sh", files={"edu_irq_uio.sh": script_text("edu_irq_uio.sh").encode()}
+        BLK_SCRIPT,
+        name="main.sh",
+        env={"EDU_DMA_BASE": f"{DMA_BASE:#x}"},
+        files={name: script_text(name).encode() for name in ("edu_irq_uio.sh", "edu_check.sh")},
     )
     with ExitStack() as stack:
         blk = stack.enter_context(VfioUserRemote("virtio-blk", "vblk0", backing=disk, workdir=tmp))
@@ -106,7 +112,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             script,
             modules=("virtio_pci", "virtio_blk", "uio", "uio_pci_generic"),
             devices=(blk.device_json(), edu.device_json()),
-            append=("iomem=relaxed",),
+            append=("iomem=relaxed", f"memmap=1M${DMA_BASE:#x}"),
             accel="tcg",
             qemu_binary="qemu-system-x86_64",
             qemu_argv_prefix=qemu.argv_prefix(binds=[blk.dir, edu.dir]),  # type: ignore[attr-defined]
@@ -126,6 +132,17 @@ def test_guest_virtio_blk_driver_over_vfio_user_with_interrupts(guest: Run) -> N
     with open(guest.disk, "rb") as f:
         f.seek(SEEK_BLOCKS * 4096)
         assert f.read(PATTERN_BYTES) == expected_pattern()
+
+
+def test_edu_check_passes_over_vfio_user(guest: Run) -> None:
+    """The same edu_check.sh that passes against QEMU's in-process edu (DMA through the memfd)."""
+    part = guest.result.transcript.split("--- edu_check", 1)[-1].split("--- edu_irq", 1)[0]
+    fails = [ln for ln in part.splitlines() if ln.startswith("FAIL")]
+    oks = {ln.split()[1] for ln in part.splitlines() if ln.startswith("ok ")}
+    assert not fails, "\n".join(fails)
+    for check in ("id", "liveness", "factorials", "irq_raise", "intx_raised", "irq_ack", "intx_lowered",
+                  "fact_irq", "dma_roundtrip", "dma_bounds", "dma_irq", "dma_no_master"):
+        assert check in oks, f"edu check {check!r} did not run"
 
 
 def test_guest_receives_edu_interrupts_through_uio(guest: Run) -> None:
