@@ -106,9 +106,9 @@ wr 0x20 0; wr 0x64 0x1
 
 # DMA: RAM -> device buffer (0x40000..0x40fff) -> another RAM page; the data must come back intact
 # and nothing past it may be written.
-# 7.2's edu_check_range is off by one at the buffer's end: a transfer ending at 0x41000 aborts QEMU
-# with hw_error "DMA range 0x40000-0x40fff out of bounds (0x40000-0x40fff)" (seen with -device edu
-# on 7.2), so move half the buffer, starting inside it.
+# 7.2's edu_check_range wants within(end1, start, end2), i.e. end < 0x41000 (hw/misc/edu.c; later
+# reworked): a transfer ending exactly at the buffer's end aborts QEMU 7.2 with hw_error "DMA range
+# 0x40000-0x40fff out of bounds (0x40000-0x40fff)" (seen here), so move half the buffer, from inside.
 if [ -z "$EDU_DMA_BASE" ]; then
   bad dma "EDU_DMA_BASE not set"
 else
