@@ -63,9 +63,31 @@ async def _no_progress(_text: str) -> None:
 StepRecorder = Callable[[int, Any], None]
 
 
+def service_launcher() -> Any:
+    """Confined remotes that outlive the service: bwrap without ``--die-with-parent``.
+
+    The confinement default ties a remote to the thread that launched it (PR_SET_PDEATHSIG), which
+    is right for a one-shot tool but wrong here: the service's worker threads end with the service,
+    and a restart must find the guests' remotes alive to re-adopt them (issue 8). Remotes are still
+    reaped with their guest: on stop, on a main QEMU crash, and by the libvirt hook's release.
+    None (the driver's choice) when we cannot confine (not root, or no bubblewrap).
+    """
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("bwrap") is None:
+        return None
+    from mpqemu_mgmt.confine.profile import ConfinementProfile
+    from mpqemu_mgmt.orchestrate.confined import ConfinedLauncher
+
+    return ConfinedLauncher(replace(ConfinementProfile(), die_with_parent=False))
+
+
 def default_driver_factory(spec: GuestSpec, state_root: Path, before_step: StepRecorder | None = None
                            ) -> GuestDriver:
-    return driver_for(spec, state_root, before_step=before_step)
+    launcher = service_launcher()
+    if launcher is None:
+        return driver_for(spec, state_root, before_step=before_step)
+    return driver_for(spec, state_root, before_step=before_step, launcher=launcher)
 
 
 class Daemon:
