@@ -9,8 +9,9 @@ the clock: given the same spec and arguments it returns the same plan.
 
 Actions:
 
-* ``start``: main QEMU paused; per device: socketpair + confined remote, ``getfd`` carrying the
-  proxy end (SCM_RIGHTS), ``device_add x-pci-proxy-dev,id=…,fd=<name>,bus=…,addr=…``; then ``cont``.
+* ``start``: main QEMU paused; every remote (socketpair + confined remote; started concurrently);
+  per device ``getfd`` carrying the proxy end (SCM_RIGHTS) and
+  ``device_add x-pci-proxy-dev,id=…,fd=<name>,bus=…,addr=…``; then ``cont``.
   libvirt cannot hand an fd to QEMU at exec (virCommand closes unlisted fds), hence paused + getfd.
 * ``attach`` (hot-plug): the per-device steps of ``start``.
 * ``detach`` (hot-unplug): ``device_del`` with the ``DEVICE_DELETED`` waiter armed first (path
@@ -262,10 +263,13 @@ def plan_for(
         check_fd_passing(spec)
         places = topology.place(spec.machine, [d.id for d in spec.devices], placements)
         steps.append(_launch_vm(spec, paths))
-        for dev in spec.devices:
-            # No device_add undo here: stopping the paused VM removes every device at once, and an
-            # ACPI unplug of a guest with no OS running would only time out (no DEVICE_DELETED).
-            steps += plug_steps(spec, dev, places[dev.id], paths, undo_device_add=False)
+        plugs = [plug_steps(spec, dev, places[dev.id], paths, undo_device_add=False) for dev in spec.devices]
+        # All remotes first (the runner starts consecutive launch-remote steps concurrently), then
+        # getfd + device_add one by one. No device_add undo here: stopping the paused VM removes
+        # every device at once, and an ACPI unplug with no guest OS would only time out.
+        steps += [launch for launch, _getfd, _add in plugs]
+        for _launch, getfd, add in plugs:
+            steps += [getfd, add]
         steps.append(_qmp("cont", why="run the guest once every device is realized"))
     elif action == "attach":
         if device is None:

@@ -1,6 +1,7 @@
 """Execute a :class:`~mpqemu_mgmt.orchestrate.plans.Plan` over a monitor channel, with rollback.
 
-Each step runs under its own timeout. When a step fails, the undo steps of every step already done
+Each step runs under its own timeout; consecutive ``launch-remote`` steps run concurrently.
+When a step fails, the undo steps of every step already done
 run in reverse order (best effort, each under its own timeout), so a failed start or hot-plug
 leaves no orphan remote, no named fd in QEMU and no half-plugged device; then the original error
 is raised with ``details["rolled_back"]``. Proxy socket ends the runner holds are closed as soon
@@ -69,14 +70,32 @@ class Runner:
     async def run(self, plan: Plan) -> RunReport:
         report = RunReport(plan)
         done: list[Step] = []
+        steps = plan.steps
         try:
-            for index, step in enumerate(plan.steps):
+            index = 0
+            while index < len(steps):
+                # Consecutive remote launches are independent: run them together.
+                end = index + 1
+                if steps[index].op is Op.LAUNCH_REMOTE:
+                    while end < len(steps) and steps[end].op is Op.LAUNCH_REMOTE:
+                        end += 1
+                batch = steps[index:end]
                 if self._before is not None:
-                    self._before(index, step)
+                    for offset, step in enumerate(batch):
+                        self._before(index + offset, step)
                 started = time.perf_counter()
-                await self._step(step)
-                report.timings.append(time.perf_counter() - started)
-                done.append(step)
+                if len(batch) == 1:
+                    await self._step(batch[0])
+                    done.append(batch[0])
+                else:
+                    results = await asyncio.gather(*(self._step(s) for s in batch), return_exceptions=True)
+                    done += [s for s, r in zip(batch, results, strict=True)
+                             if not isinstance(r, BaseException)]
+                    failed = [r for r in results if isinstance(r, BaseException)]
+                    if failed:
+                        raise failed[0]
+                report.timings += [time.perf_counter() - started] * len(batch)
+                index = end
         except BaseException as exc:
             await self._rollback(done, report)
             if isinstance(exc, MpqemuError):

@@ -18,21 +18,22 @@ def test_start_order_and_undo() -> None:
     ops = [(s.op, s.command, s.device) for s in plan.steps]
     assert ops == [
         (Op.LAUNCH_VM, None, None),
-        (Op.LAUNCH_REMOTE, None, "a"), (Op.QMP, "getfd", "a"), (Op.QMP, "device_add", "a"),
-        (Op.LAUNCH_REMOTE, None, "b"), (Op.QMP, "getfd", "b"), (Op.QMP, "device_add", "b"),
+        (Op.LAUNCH_REMOTE, None, "a"), (Op.LAUNCH_REMOTE, None, "b"),
+        (Op.QMP, "getfd", "a"), (Op.QMP, "device_add", "a"),
+        (Op.QMP, "getfd", "b"), (Op.QMP, "device_add", "b"),
         (Op.QMP, "cont", None),
     ]
     launch_vm = plan.steps[0]
     assert "-S" in launch_vm.argv and any("share=on" in a for a in launch_vm.argv)
     assert any(a.startswith("on,") for a in launch_vm.argv)  # -sandbox on,...
     assert launch_vm.undo[0].op is Op.STOP_VM and launch_vm.undo[0].force
-    getfd = plan.steps[2]
+    getfd = plan.steps[3]
     assert getfd.send_fd == "proxy:a" and getfd.undo[0].command == "closefd"
-    add = plan.steps[3]
+    add = plan.steps[4]
     assert add.arguments == {"driver": "x-pci-proxy-dev", "id": "a", "fd": "mpq-a", "bus": "pci.0",
                              "addr": "0x3"}
     assert plan.steps[6].arguments["addr"] == "0x4"
-    stock = plan.steps[4].argv
+    stock = plan.steps[2].argv
     assert stock[:3] == ("qemu-system-x86_64", "-machine", "x-remote")
     assert "x-remote-object,id=robj-b,devid=b,fd={fd}" in stock
 
@@ -98,7 +99,7 @@ def test_vfio_user_transport_plan() -> None:
     spec = parse_spec('name = "v"\n[[device]]\nid = "a"\nmodel = "edu"\ntransport = "vfio-user"\n')
     plan = plan_for(spec, "start")
     add = plan.steps[3]
-    assert add.arguments["driver"] == "vfio-user-pci"
+    assert add.command == "device_add" and add.arguments["driver"] == "vfio-user-pci"
     assert add.arguments["socket"] == {"type": "fd", "str": "mpq-a"}
     assert "--transport" in plan.steps[1].argv
 
