@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -99,18 +98,32 @@ def _ignore(message: str) -> None:
     pass
 
 
-@dataclass
 class DeviceHost:
-    """Everything a model may touch, handed over by the host that serves it."""
+    """Everything a model may touch, handed over by the host that serves it.
 
-    memory: GuestMemory = field(default_factory=_NoMemory)
-    irq: IrqLine = field(default_factory=_NoIrq)
-    timers: Timers = field(default_factory=_ImmediateTimers)
-    #: the backing file (virtio-blk), opened by the host from ``--backing-fd``
-    backing: IO[bytes] | None = None
-    readonly: bool = False
-    #: where a model reports guest mistakes (QEMU's LOG_GUEST_ERROR); the host logs them
-    guest_error: Callable[[str], None] = _ignore
+    ``backing`` is the backing file (virtio-blk), opened by the host from ``--backing-fd``;
+    ``guest_error`` is where a model reports guest mistakes (QEMU's LOG_GUEST_ERROR), which the
+    host logs. (A plain class rather than a dataclass: the remote's start-up time is a budget.)
+    """
+
+    __slots__ = ("backing", "guest_error", "irq", "memory", "readonly", "timers")
+
+    def __init__(
+        self,
+        memory: GuestMemory | None = None,
+        irq: IrqLine | None = None,
+        timers: Timers | None = None,
+        *,
+        backing: IO[bytes] | None = None,
+        readonly: bool = False,
+        guest_error: Callable[[str], None] = _ignore,
+    ) -> None:
+        self.memory: GuestMemory = memory if memory is not None else _NoMemory()
+        self.irq: IrqLine = irq if irq is not None else _NoIrq()
+        self.timers: Timers = timers if timers is not None else _ImmediateTimers()
+        self.backing = backing
+        self.readonly = readonly
+        self.guest_error = guest_error
 
 
 class PciDeviceModel(abc.ABC):

@@ -16,7 +16,6 @@ Public API (transport-neutral; used by mpqemu_mgmt.devices and every serve loop)
 Nothing in this package does IO.
 """
 
-from mpqemu_mgmt.pci.address import PciAddress
 from mpqemu_mgmt.pci.barmap import BarMap
 from mpqemu_mgmt.pci.config import (
     NO_EFFECTS,
@@ -28,6 +27,16 @@ from mpqemu_mgmt.pci.config import (
     ConfigSpace,
 )
 from mpqemu_mgmt.pci.intx import IntxPin
+
+
+def __getattr__(name: str) -> object:
+    # PciAddress (regex parsing) is not needed by a remote: imported on first use only
+    if name == "PciAddress":
+        from mpqemu_mgmt.pci.address import PciAddress
+
+        return PciAddress
+    raise AttributeError(name)
+
 
 __all__ = [
     "NO_EFFECTS",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from mpqemu_mgmt.errors import DeviceError
 from mpqemu_mgmt.pci import regs
@@ -43,8 +42,31 @@ class BarKind(enum.Enum):
         return self is not BarKind.IO
 
 
-@dataclass(frozen=True, slots=True)
-class BarSpec:
+class _Value:
+    """Plain immutable value objects (not dataclasses: each ``@dataclass`` costs the remote
+    start-up time, which is a budget; these few classes are written out instead)."""
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple(getattr(self, n) for n in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Value) and type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields)
+        return f"{type(self).__name__}({args})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+
+class BarSpec(_Value):
     """A BAR the device declares: its slot, power-of-two size and kind.
 
     A 64-bit BAR occupies slots ``index`` and ``index + 1``. Note for mpqemu: QEMU 7.2's proxy
@@ -52,12 +74,20 @@ class BarSpec:
     ``probe_pci_info``), so models served over mpqemu should declare MEM32 and IO BARs only.
     """
 
+    __slots__ = ("index", "kind", "prefetchable", "size")
+    _fields = ("index", "size", "kind", "prefetchable")
     index: int
     size: int
-    kind: BarKind = BarKind.MEM32
-    prefetchable: bool = False
+    kind: BarKind
+    prefetchable: bool
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self, index: int, size: int, kind: BarKind = BarKind.MEM32, prefetchable: bool = False
+    ) -> None:
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "prefetchable", prefetchable)
         last = self.index + (1 if self.kind is BarKind.MEM64 else 0)
         if self.index < 0 or last >= regs.NUM_BARS:
             raise DeviceError(f"BAR slot {self.index} is outside 0..5", bar=self.index)
@@ -80,39 +110,60 @@ class BarSpec:
         return bits | (regs.BASE_ADDRESS_MEM_PREFETCH if self.prefetchable else 0)
 
 
-@dataclass(frozen=True, slots=True)
-class BarWindow:
+class BarWindow(_Value):
     """Where a BAR currently decodes: ``[base, base + size)`` in memory or I/O space."""
 
+    __slots__ = ("base", "index", "memory", "size")
+    _fields = ("index", "base", "size", "memory")
     index: int
     base: int
     size: int
     memory: bool
 
+    def __init__(self, index: int, base: int, size: int, memory: bool) -> None:
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "memory", memory)
+
     def contains(self, addr: int, length: int = 1) -> bool:
         return self.base <= addr and addr + length <= self.base + self.size
 
 
-@dataclass(frozen=True, slots=True)
-class BarChange:
+class BarChange(_Value):
     """One BAR's decode window before and after a config write (None = not decoded)."""
 
+    __slots__ = ("index", "new", "old")
+    _fields = ("index", "old", "new")
     index: int
     old: BarWindow | None
     new: BarWindow | None
 
+    def __init__(self, index: int, old: BarWindow | None, new: BarWindow | None) -> None:
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "old", old)
+        object.__setattr__(self, "new", new)
 
-@dataclass(frozen=True, slots=True)
-class ConfigEffects:
+
+class ConfigEffects(_Value):
     """What a config write changed, as data (crosvm ``ConfigWriteResult``).
 
     ``bar_changes`` lists every BAR whose decode window moved, appeared or disappeared;
     ``old_command``/``new_command`` let the caller see decode, bus-master and INTx-disable flips.
     """
 
-    old_command: int = 0
-    new_command: int = 0
-    bar_changes: tuple[BarChange, ...] = field(default=())
+    __slots__ = ("bar_changes", "new_command", "old_command")
+    _fields = ("old_command", "new_command", "bar_changes")
+    old_command: int
+    new_command: int
+    bar_changes: tuple[BarChange, ...]
+
+    def __init__(
+        self, old_command: int = 0, new_command: int = 0, bar_changes: tuple[BarChange, ...] = ()
+    ) -> None:
+        object.__setattr__(self, "old_command", old_command)
+        object.__setattr__(self, "new_command", new_command)
+        object.__setattr__(self, "bar_changes", bar_changes)
 
     @property
     def command_changed(self) -> int:

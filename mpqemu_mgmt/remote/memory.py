@@ -26,8 +26,7 @@ import mmap
 import os
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from mpqemu_mgmt.errors import DmaError
 from mpqemu_mgmt.protocol.messages import SysmemRegion
@@ -35,8 +34,7 @@ from mpqemu_mgmt.protocol.messages import SysmemRegion
 _PAGE = mmap.PAGESIZE
 
 
-@dataclass(frozen=True, slots=True)
-class RegionKey:
+class RegionKey(NamedTuple):
     """What makes two SYNC_SYSMEM entries the same mapping."""
 
     gpa: int
