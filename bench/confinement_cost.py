@@ -12,11 +12,12 @@ Variants of our remote (``python -m mpqemu_mgmt.remote``), all serving the same 
 
 And stock QEMU's x-remote, bare vs confined by the same launcher (``-sandbox on,...`` inside).
 
-Start-up is spawn → the QMP greeting on the inherited listening socket (the remote greets only
-after lock_down). Round trips are ProxySim PCI_CFGREAD and BAR_READ (as x-pci-proxy-dev sends
-them), timed in batches that alternate between variants so noise on the 2 shared cores hits all
-alike; the median µs per round trip is printed with the ratio to ``bare``. Needs root and bwrap
-for the confined variants.
+Start-up is spawn → an answered QMP ``query-status`` on the inherited listening socket (the
+remote greets only after lock_down; stock x-remote answers only after its initial reset).
+Round trips are ProxySim PCI_CFGREAD and BAR_READ (as x-pci-proxy-dev sends them), timed in
+batches that alternate between variants so noise on the 2 shared cores hits all alike; the
+median µs per round trip is printed with the ratio to ``bare``. Needs root and bwrap for the
+confined variants.
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ from pathlib import Path
 
 from mpqemu_mgmt.confine.launcher import LaunchRequest, launch, profile_for
 from mpqemu_mgmt.confine.profile import ConfinementProfile
+from mpqemu_mgmt.errors import MpqemuError
 from mpqemu_mgmt.testing.proxysim import ProxySim
 
 
 def _greeting(path: Path, alive: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Wait until the remote answers ``query-status`` on its QMP socket.
+
+    The greeting alone is not enough for a stock x-remote: 7.2 serves the mpqemu socket before its
+    initial machine reset, which undoes early BAR programming (protocol.md §4.x); an answered
+    query-status means the main loop runs, after that reset. Same wait for every variant.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive():
@@ -48,13 +56,17 @@ def _greeting(path: Path, alive: Callable[[], bool], timeout: float = 20.0) -> N
         with socket.socket(socket.AF_UNIX) as c:
             try:
                 c.connect(str(path))
-                c.settimeout(deadline - time.monotonic())
-                if b'"QMP"' in c.recv(4096):
-                    return
+                c.settimeout(max(0.01, deadline - time.monotonic()))
+                reader = c.makefile("rb")
+                if b'"QMP"' in reader.readline():
+                    c.sendall(b'{"execute":"qmp_capabilities"}\n{"execute":"query-status"}\n')
+                    reader.readline()
+                    if b'"running"' in reader.readline():
+                        return
             except OSError:
                 pass
         time.sleep(0.001)
-    raise TimeoutError("no QMP greeting")
+    raise TimeoutError("no answer to query-status")
 
 
 @contextlib.contextmanager
@@ -75,8 +87,8 @@ def bare(device: str, workdir: Path, seccomp: str, backend: str) -> Iterator[tup
                 "-object", f"x-remote-object,id=r0,devid=d0,fd={fd}",
                 "-chardev", f"socket,id=mon,fd={qfd},server=on,wait=off", "-mon", "chardev=mon,mode=control"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, pass_fds=(fd, qfd), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(qmp_path.with_suffix(".log"), "wb") as log:
+        proc = subprocess.Popen(argv, pass_fds=(fd, qfd), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     remote_end.close()
     listener.close()
     try:
@@ -96,8 +108,10 @@ def bare(device: str, workdir: Path, seccomp: str, backend: str) -> Iterator[tup
 
 @contextlib.contextmanager
 def confined(device: str, workdir: Path, seccomp: str, backend: str) -> Iterator[tuple[ProxySim, float]]:
-    req = LaunchRequest(f"c{time.monotonic_ns() % 10**9}", device, workdir / f"c-{time.monotonic_ns()}.qmp",
-                        backend="qemu" if backend == "qemu" else "builtin")
+    qmp_path = workdir / f"c-{time.monotonic_ns()}.qmp"
+    req = LaunchRequest(f"c{time.monotonic_ns() % 10**9}", device, qmp_path,
+                        backend="qemu" if backend == "qemu" else "builtin",
+                        log_path=qmp_path.with_suffix(".log"))
     profile = profile_for(req.backend, ConfinementProfile().with_seccomp(seccomp))
     t0 = time.perf_counter()
     remote = launch(req, profile)
@@ -166,8 +180,13 @@ def main() -> int:
             bar: dict[str, list[float]] = {n: [] for n in names}
             for _ in range(args.rounds):
                 for n, sim in sims.items():
-                    cfg[n].append(_time_batch(lambda s=sim: s.config_read(0, 4), args.batch))  # type: ignore[misc]
-                    bar[n].append(_time_batch(lambda s=sim: s.bar_read_at(0, 0, 4), args.batch))  # type: ignore[misc]
+                    try:
+                        cfg[n].append(_time_batch(lambda s=sim: s.config_read(0, 4), args.batch))  # type: ignore[misc]
+                        bar[n].append(_time_batch(lambda s=sim: s.bar_read_at(0, 0, 4), args.batch))  # type: ignore[misc]
+                    except (OSError, MpqemuError) as exc:
+                        logs = {p.name: p.read_text(errors="replace")[-500:] for p in workdir.glob("*.log")}
+                        detail = json.dumps(logs, indent=1)
+                        raise SystemExit(f"variant {n} failed: {exc!r}\n{detail}") from exc
         for n in names:
             results[n] = {"startup_ms": statistics.median(starts[n]),
                           "cfgread_us": statistics.median(cfg[n]), "barread_us": statistics.median(bar[n])}
