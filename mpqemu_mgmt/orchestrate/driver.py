@@ -321,9 +321,13 @@ class LibvirtDriver(_BaseDriver):
     _dir_mode = 0o711
 
     def __init__(self, state_root: str | Path, *, run_as: str | None = "nobody",
-                 launcher: RemoteLauncher | None = None, before_step: StepHook | None = None) -> None:
+                 launcher: RemoteLauncher | None = None, before_step: StepHook | None = None,
+                 start_tokens: str | Path | None = None) -> None:
         super().__init__(state_root, launcher=launcher or default_launcher(run_as), before_step=before_step)
         self._user = resolve_user(run_as)
+        #: Where the libvirt hook looks for "our service is starting <name>" (hook.py token_valid):
+        #: the hook refuses a plain ``virsh start`` of our guests without one.
+        self.start_tokens = Path(start_tokens) if start_tokens is not None else None
         from mpqemu_mgmt.domain.libvirt_host import LibvirtHost as host_cls
 
         self._hosts: dict[str, LibvirtHost] = {}
@@ -358,6 +362,11 @@ class LibvirtDriver(_BaseDriver):
             # Redefining under the same name needs the same uuid, or libvirt refuses.
             dom.uuid = await asyncio.to_thread(existing.uuid)
         guest = await asyncio.to_thread(host.define_validated, dom.to_xml())
+        token = None
+        if self.start_tokens is not None:
+            self.start_tokens.mkdir(parents=True, exist_ok=True)
+            token = self.start_tokens / runtime.name
+            token.write_text(f"{os.getpid()}\n")
         try:
             await asyncio.wait_for(asyncio.to_thread(guest.create_paused), step.timeout)
             runtime.pid = guest.pid()
@@ -367,6 +376,9 @@ class LibvirtDriver(_BaseDriver):
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(guest.destroy)
             raise
+        finally:
+            if token is not None:
+                token.unlink(missing_ok=True)
 
     async def stop_vm(self, step: Step, runtime: GuestRuntime, channel: MonitorChannel | None) -> None:
         guest = await asyncio.to_thread(self._guest, runtime)

@@ -24,13 +24,13 @@ from tests.system.libvirt_fixture import ensure_libvirtd
 RUN_AS = "nobody" if os.geteuid() == 0 else None
 
 
-def guest_spec(driver: str, images_dir: Path) -> GuestSpec:
+def guest_spec(driver: str, images_dir: Path, machine: str = "pc") -> GuestSpec:
     img = guest_images(images_dir)
     extra = 'uri = "qemu:///system"\n' if driver == "libvirt" else ""
     return parse_spec(f"""
 name = "mpqt-{driver}-{uuid.uuid4().hex[:6]}"
 memory = "256M"
-machine = "pc"
+machine = "{machine}"
 accel = "tcg"
 driver = "{driver}"
 {extra}
@@ -59,11 +59,11 @@ async def device_status(remote_qmp: str) -> dict[str, Any]:
         await chan.close()
 
 
-@pytest.mark.parametrize("driver_name", ["direct", "libvirt"])
-def test_guest_lifecycle(driver_name: str, state_root: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize(("driver_name", "machine"), [("direct", "pc"), ("libvirt", "pc"), ("direct", "q35")])
+def test_guest_lifecycle(driver_name: str, machine: str, state_root: Path) -> None:  # noqa: F811
     if driver_name == "libvirt" and (reason := ensure_libvirtd()) is not None:
         pytest.skip(reason)
-    spec = guest_spec(driver_name, state_root / "images")
+    spec = guest_spec(driver_name, state_root / "images", machine)
     driver = DirectDriver(state_root, run_as=RUN_AS) if driver_name == "direct" else LibvirtDriver(state_root)
     console = Path(state_root / spec.name / "console.log")
 
