@@ -236,7 +236,28 @@ async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> Non
             if ev.device == "edu0":
                 out(f"     event {ev.kind:<17} {ev.detail}")
 
-        out("6. Stop the guest (--force: the busybox guest runs no ACPI daemon to act on a powerdown);")
+        out("6. SIGSTOP the stock lsi0 remote: alive but hung; query-status times out, it is killed "
+            "and replugged")
+        mark = len(seen)
+        lsi = next(d for d in status["devices"] if d["id"] == "lsi0")
+        t_stop = time.monotonic()
+        os.kill(int(lsi["pid"]), signal.SIGSTOP)
+        out(f"     kill -STOP {lsi['pid']}   (heartbeat: query-status every 0.5 s, 1 s timeout)")
+        t_hung = await event("hung", "lsi0", 5)
+        hung_ms = (t_hung - t_stop) * 1000
+        out(f"     detected hung after {hung_ms:.0f} ms; killed (a hung remote blocks the vCPU touching it)")
+        await event("replugged", "lsi0", 60)
+        await event("healthy", "lsi0", 10)
+        status = await call("status", name="demo")
+        fresh = next(d for d in status["devices"] if d["id"] == "lsi0")
+        await wait_bus(console, {EDU, LSI, TESTDEV}, set(), 30)
+        step("lsi0 replugged and healthy", t_stop, f"new pid {fresh['pid']}, restarts {fresh['restarts']}")
+        summary.figures["hung remote detected (SIGSTOP → event)"] = f"{hung_ms:.0f} ms"
+        for _t, ev in seen[mark:]:
+            if ev.device == "lsi0":
+                out(f"     event {ev.kind:<17} {ev.detail}")
+
+        out("7. Stop the guest (--force: the busybox guest runs no ACPI daemon to act on a powerdown);")
         out("   nothing may be left running")
         pids = [status["pid"], *(d["pid"] for d in status["devices"] if d["pid"])]
         t0 = time.monotonic()
