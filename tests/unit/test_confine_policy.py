@@ -119,3 +119,20 @@ def test_or_of_constants(names: list[str]) -> None:
        st.integers(min_value=0, max_value=(1 << 64) - 1))
 def test_atom_roundtrip(arg: int, op: str, value: int) -> None:
     assert parse_predicate(f"arg{arg} {op} {value:#x}") == Allow(((Condition(arg, op, value),),))
+
+
+_TOKENS = st.sampled_from(["read", "mmap", ":", "1", "arg0", "arg2", "arg9", "&", "==", "!=", "<", "in",
+                           "~", "|", "||", "&&", ";", "return", "EPERM", "ENOENT", "PROT_EXEC", "0x4",
+                           "@include", "x.policy", "#", "why", "\\", "\n", " ", "-1", "99999999999999999999"])
+
+
+@given(st.lists(_TOKENS, max_size=40))
+def test_hostile_policy_text_only_raises_policy_error(tokens: list[str]) -> None:
+    text = " ".join(tokens)
+    try:
+        policy = parse_policy("x.policy", files(**{"x.policy": text}))
+    except PolicyError as exc:
+        assert exc.details.get("file") is not None
+        return
+    for entry in policy.entries:  # whatever parsed is well-formed
+        assert entry.syscall and (isinstance(entry.action, Allow | Errno))
