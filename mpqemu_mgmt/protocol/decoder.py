@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mpqemu_mgmt.errors import ProtocolError, TruncatedMessage
+from mpqemu_mgmt.errors import InvalidMessage, ProtocolError, TooManyFds, TruncatedMessage
 from mpqemu_mgmt.protocol import wire
 from mpqemu_mgmt.protocol.fds import OwnedFd
-from mpqemu_mgmt.protocol.messages import Message, check_header, decode
+from mpqemu_mgmt.protocol.messages import Message, decode
 
 
 class Decoder:
@@ -27,6 +27,8 @@ class Decoder:
         self._consumed = 0  # stream offset of _buf[0]
         # (stream offset of a chunk's first byte, the fds that came with it), oldest first.
         self._marks: list[tuple[int, list[OwnedFd]]] = []
+        # stream offsets of chunks whose ancillary data was truncated (MSG_CTRUNC)
+        self._ctrunc: set[int] = set()
         self._failed: ProtocolError | None = None
 
     # -- what the reader should do next ------------------------------------------------------
@@ -42,18 +44,25 @@ class Decoder:
     @property
     def at_boundary(self) -> bool:
         """True when no partial message is buffered (an EOF here is a clean close)."""
-        return not self._buf and not self._marks
+        return not self._buf and not self._marks and not self._ctrunc
 
     # -- input ---------------------------------------------------------------------------------
 
-    def feed(self, data: bytes, fds: Sequence[OwnedFd] = ()) -> None:
-        """Buffer ``data``; ``fds`` go with the message that contains ``data``'s first byte."""
+    def feed(self, data: bytes, fds: Sequence[OwnedFd] = (), ctrunc: bool = False) -> None:
+        """Buffer ``data``; ``fds`` go with the message that contains ``data``'s first byte.
+
+        ``ctrunc``: the reader's control buffer overflowed (MSG_CTRUNC), so fds were lost; that
+        message is refused with :class:`TooManyFds` once it is complete.
+        """
         if self._failed is not None:
             for f in fds:
                 f.close()
             raise ProtocolError("decoder already failed", cause=str(self._failed))
+        offset = self._consumed + len(self._buf)
         if fds:
-            self._marks.append((self._consumed + len(self._buf), list(fds)))
+            self._marks.append((offset, list(fds)))
+        if ctrunc:
+            self._ctrunc.add(offset)
         self._buf += data
 
     def next_message(self) -> Message | None:
@@ -67,38 +76,59 @@ class Decoder:
         if len(self._buf) < wire.HEADER_SIZE:
             return None
         cmd, size = wire.HEADER.unpack_from(self._buf)
-        try:
-            # Refuse an oversized frame or an fd flood before waiting for its payload.
-            check_header(cmd, size, len(self._front_fds(self._consumed + wire.HEADER_SIZE + size)))
-        except ProtocolError as exc:
+        if size > wire.MAX_PAYLOAD:
+            # mpqemu_msg_recv refuses an oversized frame before reading its payload; the fd
+            # count is only judged once the payload is in, so it is checked in decode().
+            exc = InvalidMessage("Invalid size for message", cmd=cmd, size=size)
             self._fail(exc)
-            raise
+            raise exc
         end = wire.HEADER_SIZE + size
         if len(self._buf) < end:
             return None
         payload = bytes(self._buf[wire.HEADER_SIZE : end])
         fds = self._front_fds(self._consumed + end)
+        truncated = any(o < self._consumed + end for o in self._ctrunc)
         del self._buf[:end]
         self._consumed += end
         self._marks = [m for m in self._marks if m[0] >= self._consumed]
+        self._ctrunc = {o for o in self._ctrunc if o >= self._consumed}
         try:
+            if truncated:
+                for f in fds:
+                    f.close()
+                raise TooManyFds(
+                    f"ancillary data truncated: more than {wire.SOCKET_MAX_FDS} fds with one message",
+                    cmd=cmd,
+                    received=len(fds),
+                )
             return decode(cmd, payload, fds)
         except ProtocolError as exc:
             self._fail(exc)
             raise
 
     def feed_eof(self) -> None:
-        """The peer closed. Clean at a message boundary; :class:`TruncatedMessage` inside one."""
+        """The peer closed. Clean at a message boundary; :class:`TruncatedMessage` inside one.
+
+        One exact stock quirk is kept: EOF right after a complete header whose payload has not
+        started is a *clean* close. mpqemu_msg_recv reads the payload with
+        qio_channel_readv_full_all_eof, which returns 0 without an error when nothing at all was
+        read, and the remote's message loop then stops as for a normal EOF (no error, guest
+        shutdown cause). The header's fds are closed either way.
+        """
         if self._failed is not None:
             return
-        if not self.at_boundary:
-            got = len(self._buf)
-            exc = TruncatedMessage(
-                "Message header corrupted" if got < wire.HEADER_SIZE else "Unable to read full message",
-                buffered=got,
-            )
-            self._fail(exc)
-            raise exc
+        if self.at_boundary:
+            return
+        got = len(self._buf)
+        if got == wire.HEADER_SIZE:
+            self.close()
+            return
+        exc = TruncatedMessage(
+            "Message header corrupted" if got < wire.HEADER_SIZE else "Unable to read full message",
+            buffered=got,
+        )
+        self._fail(exc)
+        raise exc
 
     def close(self) -> None:
         """Drop buffered bytes and close every held fd."""
@@ -106,6 +136,7 @@ class Decoder:
             for f in group:
                 f.close()
         self._marks = []
+        self._ctrunc.clear()
         self._consumed += len(self._buf)
         self._buf.clear()
 

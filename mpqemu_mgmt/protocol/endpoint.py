@@ -136,13 +136,14 @@ class _Endpoint:
         if self.state is not State.FAILED:
             self.state = State.CLOSED
 
-    def receive_data(self, data: bytes, fds: Sequence[OwnedFd] = ()) -> list[Event]:
+    def receive_data(self, data: bytes, fds: Sequence[OwnedFd] = (), ctrunc: bool = False) -> list[Event]:
+        """Feed bytes (and the fds that came with them; ``ctrunc`` if some were lost)."""
         if self.state in (State.CLOSED, State.FAILED):
             for f in fds:
                 f.close()
             raise ProtocolError(f"{self.role}: data after the link {self.state.value}", role=self.role)
         try:
-            self._decoder.feed(data, fds)
+            self._decoder.feed(data, fds, ctrunc)
         except ProtocolError:
             self._fail()
             raise

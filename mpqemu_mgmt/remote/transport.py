@@ -9,7 +9,8 @@ AF_UNIX SOCK_STREAM socket, reading the way mpqemu_msg_recv does (hw/remote/mpqe
   its first read (the kernel then discards fds that come later, exactly as for QEMU);
 * then exactly ``size`` payload bytes with plain ``recv`` (no fds are accepted with the payload;
   the kernel drops any that come, as it does for QEMU);
-* ``MSG_CTRUNC`` (more fds than fit) is a protocol error: every fd received is closed first;
+* ``MSG_CTRUNC`` (more fds than fit) is a protocol error (``TooManyFds``, every received fd
+  closed), judged when the message is complete, as mpqemu_msg_recv judges its fd count;
 * EOF before a header is a clean close (``None``); EOF inside a message is ``TruncatedMessage``;
   ``EINTR`` is retried (also by Python itself, PEP 475).
 
@@ -71,7 +72,8 @@ class Transport:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def _recv_header_chunk(self, n: int) -> tuple[bytes, FdBundle]:
+    def _recv_header_chunk(self, n: int) -> tuple[bytes, FdBundle, bool]:
+        """One header read with room for 16 fds; returns (data, fds, MSG_CTRUNC seen)."""
         while True:
             try:
                 data, ancdata, flags, _ = self.sock.recvmsg(n, CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
@@ -79,13 +81,7 @@ class Transport:
             except InterruptedError:
                 continue
         fds = FdBundle.adopt(_fds_from_ancillary(ancdata), os.close)
-        if flags & socket.MSG_CTRUNC:
-            fds.close()
-            raise TooManyFds(
-                f"ancillary data truncated: more than {wire.SOCKET_MAX_FDS} fds with one message",
-                received=len(fds),
-            )
-        return data, fds
+        return data, fds, bool(flags & socket.MSG_CTRUNC)
 
     def _recv_payload_chunk(self, n: int) -> bytes:
         while True:
@@ -103,22 +99,22 @@ class Transport:
             if self._events:
                 break
             n, header = self.endpoint.wants()
+            ctrunc = False
             try:
                 if header and n == wire.HEADER_SIZE:
-                    data, fds = self._recv_header_chunk(n)
+                    data, fds, ctrunc = self._recv_header_chunk(n)
                 else:
                     data, fds = self._recv_payload_chunk(n), FdBundle()
             except ConnectionResetError:
                 data, fds = b"", FdBundle()
-            except ProtocolError:
-                self.endpoint.close()
-                raise
             if not data:
                 # fds that came with no bytes (peer closed right after sendmsg) are not a message.
                 fds.close()
                 self._events.extend(self.endpoint.receive_eof())
                 break
-            self._events.extend(self.endpoint.receive_data(data, list(fds)))
+            # MSG_CTRUNC is a protocol error (TooManyFds), raised once the message is complete,
+            # where mpqemu_msg_recv's fd-count check would fail for stock QEMU too.
+            self._events.extend(self.endpoint.receive_data(data, list(fds), ctrunc))
         return self._events.pop(0)
 
     def read_message(self) -> Message | None:
@@ -155,8 +151,13 @@ class Transport:
                 if buf:
                     data = self._recv_payload_chunk(wire.HEADER_SIZE - len(buf))
                 else:
-                    data, chunk_fds = self._recv_header_chunk(wire.HEADER_SIZE)
+                    data, chunk_fds, ctrunc = self._recv_header_chunk(wire.HEADER_SIZE)
                     fds.extend(chunk_fds)
+                    if ctrunc:
+                        raise TooManyFds(
+                            f"ancillary data truncated: more than {wire.SOCKET_MAX_FDS} fds",
+                            received=len(chunk_fds),
+                        )
                 if not data:
                     if buf or fds:
                         raise TruncatedMessage("Message header corrupted", buffered=len(buf))

@@ -15,6 +15,8 @@ one fake BAR) where stock QEMU would crash or shut down. For every case:
   SCM_RIGHTS), with one deliberate difference: SYNC_SYSMEM with 8 fds is accepted;
 * the set of open fds (/proc/self/fd) is the same before and after.
 
+``--target stock`` checks the model itself: semantically safe cases go to a real stock 7.2
+x-remote (one process per case), whose RET count and exit cause must match the model.
 ``--target builtin`` sends the same cases to our real serve loop (``remote.serve.Remote`` with the
 pci-testdev model, guest memory and irq handling) in-process; the messages it handled (as a
 multiset) and its exit status (0 = eof, 1 = close) must match the same model.
@@ -34,10 +36,12 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mpqemu_mgmt.errors import ProtocolError
 from mpqemu_mgmt.protocol import (
@@ -91,36 +95,47 @@ class Outcome:
 _I32 = (-(1 << 31), (1 << 31) - 1)
 
 
-def _cfg_payload(rng: random.Random) -> bytes:
+def _cfg_payload(rng: random.Random, safe: bool = False) -> bytes:
+    if safe:
+        return struct.pack("<IIi", rng.randrange(253), rng.getrandbits(32), rng.choice([1, 2, 4]))
     addr = rng.choice([0, 2, 4, 0x10, 0x3C, 0xFC, 0xFD, 0xFF, 0x100, 0xFFFFFFFF, rng.getrandbits(32)])
     length = rng.choice([1, 2, 4, 4, 3, 0, 8, -1, -4, _I32[0], _I32[1], rng.randint(*_I32)])
     return struct.pack("<IIi", addr, rng.getrandbits(32), length)
 
 
-def _bar_payload(rng: random.Random) -> bytes:
+def _bar_payload(rng: random.Random, safe: bool = False) -> bytes:
+    if safe:
+        # Port I/O inside the 64 KiB I/O space: unassigned ports quietly succeed in stock QEMU,
+        # while an unassigned *memory* address makes it exit ("Bad address ... for mem read").
+        port = rng.choice([0xC000 + rng.randrange(256), rng.randrange(0xFFF0)])
+        size = rng.choice([1, 2, 4, 8, 3, 0, 6, 16])
+        return struct.pack("<QQIB3x", port, rng.getrandbits(64), size, 0)
     base = rng.choice([FAKE_BAR[0], FAKE_BAR[0] + rng.randrange(FAKE_BAR[1]), 0xC000, rng.getrandbits(64)])
     size = rng.choice([1, 2, 4, 8, 3, 0, 6, 16, 0xFFFFFFFF, rng.getrandbits(32)])
     memory = rng.choice([0, 1, 1, 2, 0xFF])
     return struct.pack("<QQIB3x", base, rng.getrandbits(64), size, memory)
 
 
-def _sysmem_payload(rng: random.Random, n: int) -> bytes:
+def _sysmem_payload(rng: random.Random, n: int, safe: bool = False) -> bytes:
+    if safe:
+        # Every slot mappable from a 4 KiB memfd, so whichever fds arrive, stock mmap succeeds.
+        return struct.pack("<8Q8Q8q", *(i << 24 for i in range(8)), *([0x1000] * 8), *([0] * 8))
     gpas = [rng.choice([0, 0x100000, rng.getrandbits(64)]) for _ in range(n)] + [0] * (8 - n)
     sizes = [rng.choice([0x1000, 0, 1 << 62, rng.getrandbits(64)]) for _ in range(n)] + [0] * (8 - n)
     offsets = [rng.choice([0, 0x1000, -1, rng.randint(-(1 << 63), (1 << 63) - 1)]) for _ in range(n)]
     return struct.pack("<8Q8Q8q", *gpas, *sizes, *(offsets + [0] * (8 - n)))
 
 
-def _frame(rng: random.Random, tags: set[str]) -> list[Chunk]:
+def _frame(rng: random.Random, tags: set[str], safe: bool = False) -> list[Chunk]:
     kind = rng.choice(["sysmem", "cfgread", "cfgwrite", "barread", "barwrite", "irqfd", "reset", "ret"])
     nfds = 0
     if kind == "sysmem":
         nfds = rng.randint(1, 8)
-        cmd, payload = 0, _sysmem_payload(rng, nfds)
+        cmd, payload = 0, _sysmem_payload(rng, nfds, safe)
     elif kind in ("cfgread", "cfgwrite"):
-        cmd, payload = (3 if kind == "cfgread" else 2), _cfg_payload(rng)
+        cmd, payload = (3 if kind == "cfgread" else 2), _cfg_payload(rng, safe)
     elif kind in ("barread", "barwrite"):
-        cmd, payload = (5 if kind == "barread" else 4), _bar_payload(rng)
+        cmd, payload = (5 if kind == "barread" else 4), _bar_payload(rng, safe)
     elif kind == "irqfd":
         cmd, payload, nfds = 6, b"", 2
     elif kind == "reset":
@@ -139,9 +154,13 @@ def _frame(rng: random.Random, tags: set[str]) -> list[Chunk]:
     if rng.random() < 0.15:
         nfds = rng.choice([0, 1, 2, 3, 7, 8, 9, 16, 17, 20])
         tags.add("fd-count")
-    if rng.random() < 0.2:
+    if rng.random() < 0.2 and not safe:
         fd_kind = rng.choice(FD_KINDS)
         tags.add("fd-kind")
+    if safe:
+        # Stock QEMU mmaps SYNC_SYSMEM fds and polls SET_IRQFD's resamplefd: give it kinds it
+        # can use, so that only protocol-level faults decide where it stops.
+        fd_kind = "eventfd" if cmd == 6 else "memfd"
     if rng.random() < 0.1:
         cut = rng.randint(0, len(payload) + 8)
         payload = payload[:cut] if cut <= len(payload) else payload + rng.randbytes(cut - len(payload))
@@ -149,7 +168,7 @@ def _frame(rng: random.Random, tags: set[str]) -> list[Chunk]:
     if rng.random() < 0.04:
         payload = rng.randbytes(rng.choice([193, 200, 256]))
         tags.add("oversized")
-    if rng.random() < 0.05:
+    if rng.random() < 0.05 and not safe:
         size_field = rng.choice([len(payload) + 1, max(0, len(payload) - 1), 193, (1 << 64) - 1,
                                  rng.getrandbits(64), rng.randint(0, 200)])
         tags.add("misframed")
@@ -158,7 +177,7 @@ def _frame(rng: random.Random, tags: set[str]) -> list[Chunk]:
         tags.add("pad")
     header = struct.pack("<iIQ", cmd, pad, len(payload) if size_field is None else size_field)
     data = bytearray(header + payload)
-    if rng.random() < 0.05:
+    if rng.random() < 0.05 and not safe:
         for _ in range(rng.randint(1, 3)):
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
         tags.add("bitflip")
@@ -173,21 +192,25 @@ def _frame(rng: random.Random, tags: set[str]) -> list[Chunk]:
         if rng.random() < 0.3:
             # Extra fds on a later piece: stock drops them (no control buffer on later reads).
             i = rng.randrange(1, len(chunks))
-            chunks[i] = Chunk(chunks[i].data, rng.randint(1, 3), rng.choice(FD_KINDS))
+            chunks[i] = Chunk(chunks[i].data, rng.randint(1, 3), "memfd" if safe else rng.choice(FD_KINDS))
             tags.add("late-fds")
         return chunks
     return [Chunk(raw, nfds, fd_kind)]
 
 
-def generate(rng: random.Random) -> Case:
+def generate(rng: random.Random, safe: bool = False) -> Case:
+    """One case. ``safe`` keeps every field inside what stock QEMU survives *semantically* (config
+    offsets <= 252, I/O-space BAR accesses, mappable memfds), so a stock remote stops only on
+    protocol-level faults; misframing, bit flips and raw noise are left out for the same reason.
+    """
     tags: set[str] = set()
-    if rng.random() < 0.04:
+    if rng.random() < 0.04 and not safe:
         tags.add("random-bytes")
         blob = Chunk(rng.randbytes(rng.randint(1, 300)), rng.choice([0, 0, 1, 2, 9]))
         return Case((blob,), frozenset(tags))
     chunks: list[Chunk] = []
     for _ in range(rng.randint(1, 4)):
-        chunks.extend(_frame(rng, tags))
+        chunks.extend(_frame(rng, tags, safe))
     if rng.random() < 0.12:
         last = chunks[-1]
         chunks[-1] = Chunk(last.data[: rng.randrange(len(last.data))], last.nfds, last.kind)
@@ -231,8 +254,11 @@ class _KernelModel:
         return self.stream[start : self.pos], (fds if control else 0)
 
 
-def stock_model(case: Case) -> Outcome:
-    """What stock 7.2's remote does with this byte stream: messages handled, then eof or close."""
+def stock_model(case: Case, exact_stock: bool = False) -> Outcome:
+    """What stock 7.2's remote does with this byte stream: messages handled, then eof or close.
+
+    Unless ``exact_stock``, SYNC_SYSMEM with 8 fds is accepted (our deliberate difference).
+    """
     k = _KernelModel(case.chunks)
     processed: list[int] = []
     deviation = False
@@ -252,7 +278,9 @@ def stock_model(case: Case) -> Outcome:
         while got < size:
             more, _ = k.read(size - got, control=False)
             if not more:
-                return Outcome(tuple(processed), "close", deviation)
+                # EOF before the first payload byte: qio_channel_readv_full_all_eof returns 0
+                # with no error, so the loop ends as on a clean EOF.
+                return Outcome(tuple(processed), "eof" if got == 0 else "close", deviation)
             got += len(more)
         nfds = min(nfds, wire.SOCKET_MAX_FDS)  # MSG_CTRUNC beyond the 16-fd control buffer
         if nfds > wire.REMOTE_MAX_FDS:
@@ -260,7 +288,7 @@ def stock_model(case: Case) -> Outcome:
         if not 0 <= cmd < wire.CMD_MAX:
             return Outcome(tuple(processed), "close", deviation)
         if nfds >= wire.REMOTE_MAX_FDS:
-            if cmd == 0 and size == 192:
+            if cmd == 0 and size == 192 and not exact_stock:
                 deviation = True  # ours accepts SYNC_SYSMEM with 8 regions; stock closes
             else:
                 return Outcome(tuple(processed), "close", deviation)
@@ -418,10 +446,44 @@ def run_case_builtin(
         remote.close()
         proxy.close()
         remote_sock.close()
-    done = sorted(
-        c for name, n in remote.dispatcher.counts.items() for c in [_cmd_of(name)] * n if c is not None
-    )
+    counts = remote.dispatcher.message_counts()
+    done = sorted(c for name, n in counts.items() for c in [_cmd_of(name)] * n if c is not None)
     return Outcome(tuple(done), "eof" if status == 0 else "close"), None if status == 0 else "exit 1"
+
+
+_REQUESTS = frozenset({2, 3, 4, 5, 7})
+_CASE_IDS = itertools.count()
+
+
+def run_case_stock(case: Case, source: _FdSource, workdir: Path) -> tuple[int, str, str]:
+    """Send the case to a fresh stock ``x-remote`` pci-testdev; return (RETs seen, end, log).
+
+    A stock remote exits after EOF *and* after an error, so "close" is told from "eof" by the
+    error it prints (mpqemu_msg_recv and the message loop report every failure but a clean EOF).
+    """
+    from mpqemu_mgmt.testing.stock_remote import StockRemote
+
+    rets = 0
+    name = f"case-{next(_CASE_IDS)}"
+    with StockRemote.pair("pci-testdev,id=t0", workdir=workdir, name=name) as (remote, proxy):
+        proxy.settimeout(10)
+        _send_case(case, proxy, source)
+        reader = Transport(proxy, role="proxy")
+        try:
+            while True:
+                frame = reader.read_raw_frame()
+                if frame is None:
+                    break
+                frame[1].close()
+                rets += 1
+        except ConnectionResetError:
+            # It exited with our bytes still unread: queued RETs were all read before this.
+            pass
+        remote.wait(10)
+        log = remote.log_text()
+    (workdir / f"{name}.log").unlink()
+    errors = [ln for ln in log.splitlines() if ln.startswith("qemu-system") and "terminating" not in ln]
+    return rets, ("close" if errors else "eof"), log
 
 
 def _cmd_of(name: str) -> int | None:
@@ -465,6 +527,26 @@ def _fd_set() -> frozenset[str]:
     return frozenset(os.listdir("/proc/self/fd"))
 
 
+def check_stock_case(case: Case, source: _FdSource, report: Report, workdir: Path) -> None:
+    """Validate the model itself against the installed stock QEMU 7.2 (no deviation applied)."""
+    expected = stock_model(case, exact_stock=True)
+    want_rets = sum(1 for c in expected.processed if c in _REQUESTS)
+    try:
+        rets, end, log = run_case_stock(case, source, workdir)
+    except Exception as exc:
+        report.failures.append(f"stock run failed: {type(exc).__name__}: {exc} for {case!r}")
+        return
+    if (rets, end) != (want_rets, expected.end):
+        report.failures.append(
+            f"stock gave {rets} RETs/{end}, model {want_rets}/{expected.end} for {case!r}; "
+            f"log: {log[-300:]!r}"
+        )
+    report.count += 1
+    report.ends[end] += 1
+    report.tags.update(case.tags)
+    report.processed.update(wire.Cmd(c).name for c in expected.processed)
+
+
 def check_case(case: Case, source: _FdSource, report: Report, target: str = "endpoint") -> None:
     before = _fd_set()
     expected = stock_model(case)
@@ -498,13 +580,19 @@ def campaign(
     report = Report()
     source = _FdSource()
     start = time.monotonic()
+    tmp = tempfile.TemporaryDirectory(prefix="mpqemu-fuzz-") if target == "stock" else None
     try:
         for i in range(count):
+            if tmp is not None:
+                check_stock_case(generate(rng, safe=True), source, report, Path(tmp.name))
+                continue
             check_case(generate(rng), source, report, target)
             if progress is not None and (i + 1) % 10000 == 0:
                 progress(i + 1)
     finally:
         source.close()
+        if tmp is not None:
+            tmp.cleanup()
     report.seconds = time.monotonic() - start
     return report
 
@@ -517,10 +605,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=20_250_701)
     ap.add_argument(
         "--target",
-        choices=("endpoint", "builtin"),
+        choices=("endpoint", "builtin", "stock"),
         default="endpoint",
         help="endpoint: transport + remote endpoint + minimal responder (default); "
-        "builtin: our real serve loop (remote.serve.Remote) with the pci-testdev model, in-process",
+        "builtin: our real serve loop (remote.serve.Remote) with the pci-testdev model, in-process; "
+        "stock: validate the model against stock QEMU 7.2 x-remote (semantically safe cases, "
+        "one process per case: use a few hundred)",
     )
     args = ap.parse_args(argv)
     before = _fd_set()

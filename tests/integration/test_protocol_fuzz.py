@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import shutil
 import struct
 from collections.abc import Iterator
 
@@ -57,6 +58,15 @@ def test_seeded_slice_against_our_serve_loop() -> None:
     report = campaign(500, seed=11, target="builtin")
     assert report.failures == []
     assert report.ends["eof"] > 50 and report.ends["close"] > 50
+
+
+def test_the_model_matches_stock_qemu_on_a_few_cases() -> None:
+    # The oracle itself, checked against the installed stock 7.2 x-remote (one process per case).
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 (7.2) is not installed")
+    report = campaign(25, seed=3, target="stock")
+    assert report.failures == []
+    assert report.count == 25 and report.ends["close"] > 0 and report.ends["eof"] > 0
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

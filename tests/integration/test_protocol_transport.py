@@ -131,7 +131,13 @@ def test_eof_before_header_is_clean(pair: Pair) -> None:
     assert remote.closed_by_peer
 
 
-@pytest.mark.parametrize("cut", [3, 16, 30])
+def test_eof_right_after_a_header_is_a_clean_close_like_stock(pair: Pair) -> None:
+    pair[0].sendall(encode(BarRead(0xC000, 1, False))[0][:16])
+    pair[0].shutdown(socket.SHUT_WR)
+    assert Transport(pair[1], "remote").read_message() is None
+
+
+@pytest.mark.parametrize("cut", [3, 17, 30])
 def test_eof_inside_a_message_is_truncated(pair: Pair, cut: int) -> None:
     pair[0].sendall(encode(BarRead(0xC000, 1, False))[0][:cut])
     pair[0].shutdown(socket.SHUT_WR)

@@ -253,15 +253,43 @@ def test_decoder_oversized_header_fails_before_payload_and_closes_fds(fds: Fds) 
     assert fds.all_closed_once()
 
 
-def test_decoder_too_many_fds_refused_at_header(fds: Fds) -> None:
+def test_decoder_too_many_fds_refused_once_the_payload_is_in(fds: Fds) -> None:
+    # mpqemu_msg_recv reads the payload first, then checks the fd count ("Overflow error").
     dec = Decoder()
     dec.feed(struct.pack("<i4xQ", 0, 192), fds(9))
+    assert dec.next_message() is None
+    dec.feed(bytes(192))
     with pytest.raises(TooManyFds):
         dec.next_message()
     assert fds.all_closed_once()
 
 
-@pytest.mark.parametrize("cut", [1, 15, 16, 20])
+def test_decoder_ctrunc_refuses_the_message_even_with_few_fds(fds: Fds) -> None:
+    dec = Decoder()
+    dec.feed(encode(DeviceReset())[0], fds(1), ctrunc=True)
+    with pytest.raises(TooManyFds, match="truncated"):
+        dec.next_message()
+    assert fds.all_closed_once()
+
+
+def test_decoder_ctrunc_then_eof_before_payload_is_clean(fds: Fds) -> None:
+    dec = Decoder()
+    dec.feed(struct.pack("<i4xQ", 0, 192), fds(16), ctrunc=True)
+    assert dec.next_message() is None
+    dec.feed_eof()
+    assert fds.all_closed_once()
+
+
+def test_eof_after_a_whole_header_before_any_payload_is_a_clean_close(fds: Fds) -> None:
+    # Stock quirk: qio_channel_readv_full_all_eof returns 0 without error when nothing was read.
+    dec = Decoder()
+    dec.feed(encode(PciConfigWrite(4, 1, 2))[0][:16], fds(2))
+    assert dec.next_message() is None
+    dec.feed_eof()
+    assert fds.all_closed_once()
+
+
+@pytest.mark.parametrize("cut", [1, 15, 17, 20])
 def test_eof_inside_a_message_is_truncated(fds: Fds, cut: int) -> None:
     dec = Decoder()
     dec.feed(encode(PciConfigWrite(4, 1, 2))[0][:cut], fds(1))
