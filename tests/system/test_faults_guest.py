@@ -1,0 +1,100 @@
+"""Faults with a real Linux guest under a real `mpqemu-mgmt serve`: the service is SIGKILLed and
+restarted while the guest runs (re-adopted, undisturbed), then a hung remote is recovered by
+replug through the re-adopted guest, a hot-plug works after re-adoption, and finally the main QEMU
+is SIGKILLed: the guest is marked crashed and no process of it is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from mpqemu_mgmt.service.procfs import proc_start_time
+from tests.integration.service_fixture import Service, service
+
+__all__ = ["service"]
+
+EDU, LSI, TESTDEV = "0x1234:0x11e8", "0x1000:0x0012", "0x1b36:0x0005"
+
+
+def alive(pid: int) -> bool:
+    return proc_start_time(pid) is not None
+
+
+def wait_bus(console: Path, want: set[str], timeout: float = 90) -> None:
+    from mpqemu_mgmt.cli.demo import pci_sets
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sets = pci_sets(console)
+        if sets and want <= set(sets[-1].values()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"guest never showed {want}: {pci_sets(console)[-1:]}")
+
+
+def test_restart_readopt_then_hang_replug_hotplug_and_main_crash(service: Service) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("confined remotes need root")
+    from mpqemu_mgmt.cli.demo import guest_images, spec_text
+
+    try:
+        kernel, initrd = guest_images(service.root / "images")
+    except Exception as exc:
+        pytest.skip(f"no test guest: {exc}")
+    spec = service.root / "demo.toml"
+    spec.write_text(spec_text(kernel, initrd).replace('name = "demo"', 'name = "fg"'))
+    service.cli("define", str(spec))
+    service.cli("start", "fg")
+    console = service.state / "guests" / "fg" / "console.log"
+    wait_bus(console, {EDU, LSI})
+    _, st, _ = service.cli("status", "fg")
+    main = st["pid"]
+    pids = {d["id"]: d["pid"] for d in st["devices"]}
+
+    # 1. the service dies; the guest and its remotes do not notice
+    service.kill(signal.SIGKILL)
+    time.sleep(0.3)
+    assert alive(main) and all(alive(p) for p in pids.values())
+    t_restart = time.time()
+    service.start()
+    service.wait_event("fg", "adopted", timeout=15, after=t_restart)
+    service.wait_event("fg", "healthy", "lsi0", timeout=10, after=t_restart)
+    _, st, _ = service.cli("status", "fg")
+    assert st["state"] == "running" and st["pid"] == main
+    assert {d["id"]: d["pid"] for d in st["devices"]} == pids
+
+    # 2. a hung remote after re-adoption: detected, killed, replugged through the adopted guest
+    t0 = time.time()
+    os.kill(pids["lsi0"], signal.SIGSTOP)
+    hung = service.wait_event("fg", "hung", "lsi0", timeout=5, after=t0)
+    print(f"\nDETECTION hung remote, re-adopted guest: {(hung['time'] - t0) * 1000:.0f} ms")
+    assert hung["time"] - t0 < 2.0
+    service.wait_event("fg", "replugged", "lsi0", timeout=60, after=t0)
+    assert not alive(pids["lsi0"])
+    _, st, _ = service.cli("status", "fg")
+    lsi = next(d for d in st["devices"] if d["id"] == "lsi0")
+    assert lsi["pid"] != pids["lsi0"] and lsi["restarts"] == 1
+    wait_bus(console, {EDU, LSI})
+
+    # 3. hot-plug after re-adoption
+    service.cli("attach", "fg", "id=t1", "model=pci-testdev", "backend=builtin")
+    wait_bus(console, {EDU, LSI, TESTDEV}, timeout=30)
+
+    # 4. the main QEMU dies: crashed, every remote reaped, nothing orphaned
+    _, st, _ = service.cli("status", "fg")
+    remotes = [d["pid"] for d in st["devices"]]
+    os.kill(main, signal.SIGKILL)
+    service.wait_event("fg", "crashed", timeout=10)
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in remotes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in remotes)
+    assert service.cli("status", "fg")[1]["state"] == "crashed"
+    assert service.leftovers() == []
+    kinds = [e["kind"] for e in service.events("fg")]
+    for k in ("running", "adopted", "hung", "dead", "replugged", "attached", "crashed"):
+        assert k in kinds
