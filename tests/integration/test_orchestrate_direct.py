@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, parse_spec
-from mpqemu_mgmt.errors import MpqemuError, OrchestrationError
+from mpqemu_mgmt.errors import MigrationRefused, MpqemuError, OrchestrationError
 from mpqemu_mgmt.orchestrate.driver import DirectDriver, GuestRuntime
 from mpqemu_mgmt.orchestrate.plans import Step, plan_for
 from mpqemu_mgmt.orchestrate.processes import pid_alive
@@ -80,6 +80,14 @@ def test_start_attach_reset_stop(machine: str, state_root: Path) -> None:  # noq
             await driver.reset(runtime)
             for r in runtime.remotes.values():
                 assert pid_alive(r.pid)
+
+            await driver.pause(runtime)
+            chan = await driver.channel(runtime)
+            assert (await chan.execute("query-status", timeout=5))["status"] == "paused"
+            await driver.resume(runtime)
+            assert (await chan.execute("query-status", timeout=5))["status"] == "running"
+            with pytest.raises(MigrationRefused):
+                driver.refuse_migration(runtime.spec, "migrate")
 
             # adopt: a fresh driver (the service restarted) finds the same guest from its record.
             record = runtime.to_record()
