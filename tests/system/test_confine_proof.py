@@ -130,50 +130,62 @@ def _status(pid: int, task: int | None = None) -> dict[str, str]:
     ("mmap_exec", {}, "mmap"),  # the argument predicate: PROT_EXEC is refused, plain mmap is not
 ])
 def test_forbidden_syscall_kills(start: Any, op: str, kw: dict[str, Any], syscall: str) -> None:
-    probe = start("enforce")
-    audit_budget(1)
-    report = probe.died_on(op, **kw)
-    assert report.returncode == 159 and report.seccomp  # 128 + SIGSYS through bwrap
-    with pytest.raises(SeccompViolation) as info:
-        probe.remote.check_exit(1)
-    if KMSG:
-        assert info.value.details["syscall"] == syscall, info.value.message
-        assert syscall in info.value.message
+    # Audit records share a machine-wide printk rate limit with every other test on the host:
+    # when ours was dropped, run the scenario once more in a fresh window.
+    for attempt in range(2):
+        probe = start("enforce")
+        audit_budget(10 if attempt else 1)
+        report = probe.died_on(op, **kw)
+        assert report.returncode == 159 and report.seccomp  # 128 + SIGSYS through bwrap
+        with pytest.raises(SeccompViolation) as info:
+            probe.remote.check_exit(1)
+        if not KMSG:
+            assert "not readable" in info.value.message
+            return
+        if info.value.details["syscall"] is not None:
+            break
+    assert info.value.details["syscall"] == syscall, info.value.message
+    assert syscall in info.value.message
+    records = violations.read_kmsg(probe.remote.pid, probe.remote.started_usec) or []
+    assert any(r.action == violations.SECCOMP_RET_KILL_PROCESS for r in records)
+
+
+def _records(probe: Probe, action: int, wanted: set[int]) -> set[int]:
+    deadline = time.monotonic() + 1
+    while True:
         records = violations.read_kmsg(probe.remote.pid, probe.remote.started_usec) or []
-        assert any(r.action == violations.SECCOMP_RET_KILL_PROCESS for r in records)
-    else:
-        assert "not readable" in info.value.message
+        seen = {r.syscall for r in records if r.action == action}
+        if wanted <= seen or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.05)
 
 
 # --- 2. errno mode ----------------------------------------------------------------------------
 def test_errno_mode(start: Any) -> None:
-    probe = start("errno")
-    audit_budget(4)
-    for op, kw in (("socket_inet", {}), ("fork", {}), ("kill", {"pid": 1}), ("mmap_exec", {})):
-        assert probe(op, **kw) == {"ok": False, "errno": "EPERM"}, op
-    assert probe("ping")["ok"]
-    if KMSG:
-        records = violations.read_kmsg(probe.remote.pid, probe.remote.started_usec) or []
-        assert {r.syscall for r in records if r.action == violations.SECCOMP_RET_ERRNO} >= {41, 56}
+    for attempt in range(2):
+        probe = start("errno")
+        audit_budget(10 if attempt else 4)
+        for op, kw in (("socket_inet", {}), ("fork", {}), ("kill", {"pid": 1}), ("mmap_exec", {})):
+            assert probe(op, **kw) == {"ok": False, "errno": "EPERM"}, op
+        assert probe("ping")["ok"]
+        if not KMSG or {41, 56} <= _records(probe, violations.SECCOMP_RET_ERRNO, {41, 56}):
+            return
+    pytest.fail("errno-mode denials of socket and clone were not audited")
 
 
 # --- 3. log mode ------------------------------------------------------------------------------
 def test_log_mode(start: Any) -> None:
-    probe = start("log")
-    audit_budget(3)
-    assert probe("socket_inet") == {"ok": True, "result": "created"}
-    assert probe("fork") == {"ok": True, "result": "forked"}  # inside its own pid namespace
-    assert probe("ping")["ok"]
-    if not KMSG:
-        pytest.skip("the kernel log is not readable here: cannot check the LOG audit records")
-    deadline = time.monotonic() + 2
-    while True:
-        records = violations.read_kmsg(probe.remote.pid, probe.remote.started_usec) or []
-        logged = {r.syscall for r in records if r.action == violations.SECCOMP_RET_LOG}
-        if {41, 56} <= logged or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert {41, 56} <= logged  # socket, clone
+    for attempt in range(2):
+        probe = start("log")
+        audit_budget(10 if attempt else 3)
+        assert probe("socket_inet") == {"ok": True, "result": "created"}
+        assert probe("fork") == {"ok": True, "result": "forked"}  # inside its own pid namespace
+        assert probe("ping")["ok"]
+        if not KMSG:
+            pytest.skip("the kernel log is not readable here: cannot check the LOG audit records")
+        if {41, 56} <= _records(probe, violations.SECCOMP_RET_LOG, {41, 56}):  # socket, clone
+            return
+    pytest.fail("log-mode calls of socket and clone were not audited")
 
 
 # --- 5, 12. the filter is installed; the host uid is not 0; namespaces differ ----------------
