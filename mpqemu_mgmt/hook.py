@@ -67,6 +67,18 @@ def our_devices(domain_xml: str) -> list[str] | None:
     return None
 
 
+def our_state_dir(domain_xml: str) -> str | None:
+    """The guest's state directory as the designer recorded it (``<mpq:state-dir>``), if any."""
+    try:
+        root = ET.fromstring(domain_xml)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if isinstance(el.tag, str) and el.tag.endswith("}state-dir") and "mpqemu" in el.tag and el.text:
+            return el.text.strip()
+    return None
+
+
 def decide(op: str, sub_op: str, guest: str, devices: list[str] | None, token_valid: bool) -> Verdict:
     """The hook's table. Pure."""
     if devices is None:
@@ -103,10 +115,11 @@ def token_valid(paths: StatePaths, guest: str, now: float | None = None) -> bool
     return True
 
 
-def reap(paths: StatePaths, guest: str) -> list[int]:
+def reap(paths: StatePaths, guest: str, record_path: Path | None = None) -> list[int]:
     """SIGKILL the remotes recorded for ``guest`` whose pid still names the same process."""
     try:
-        record = GuestRecord.from_dict(json.loads(paths.record(guest).read_text()))
+        path = record_path if record_path is not None and record_path.is_file() else paths.record(guest)
+        record = GuestRecord.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError):
         return []
     killed = []
@@ -130,8 +143,9 @@ def run(argv: Sequence[str], stdin_text: str, paths: StatePaths) -> int:
     valid = devices is not None and op == "prepare" and token_valid(paths, guest)
     verdict = decide(op, sub_op, guest, devices, valid)
     if verdict.reap:
+        state_dir = our_state_dir(stdin_text)
         with contextlib.suppress(Exception):  # release is clean-up: it never fails
-            reap(paths, guest)
+            reap(paths, guest, Path(state_dir) / "guest.json" if state_dir else None)
     if verdict.message:
         print(verdict.message, file=sys.stderr)
     return verdict.code

@@ -46,3 +46,15 @@ def test_refusals_name_the_way_out() -> None:
     assert "mpqemu-mgmt start g" in decide("prepare", "begin", "g", ["edu0"], False).message
     assert "migration" in decide("migrate", "begin", "g", ["edu0"], False).message
     assert decide("reconnect", "begin", "g", ["edu0"], False) == Verdict(0)
+
+
+def test_reads_the_designers_real_metadata() -> None:
+    from mpqemu_mgmt.domain.designer import design
+    from mpqemu_mgmt.domain.spec import parse_spec
+    from mpqemu_mgmt.hook import our_state_dir
+
+    spec = parse_spec('name = "g"\ndriver = "libvirt"\n[[device]]\nid = "edu0"\nmodel = "edu"\n'
+                      '[[device]]\nid = "lsi0"\nmodel = "lsi53c895a"\nbackend = "qemu"\n')
+    xml = design(spec, state_dir="/var/lib/mpqemu-mgmt/guests/g").to_xml()
+    assert our_devices(xml) == ["edu0", "lsi0"]
+    assert our_state_dir(xml) == "/var/lib/mpqemu-mgmt/guests/g"
