@@ -2,7 +2,11 @@
 
 One command runs the whole campaign (at least 100,000 messages by default)::
 
-    python -m mpqemu_mgmt.testing.fuzz_vfio_user --messages 100000 --seed 1
+    python -m mpqemu_mgmt.testing.fuzz_vfio_user --messages 100000 --seed 1 [--target process]
+
+``--target process`` serves each session from the real confined remote process (seccomp enforce)
+instead of a thread: a seccomp kill, a crash or a traceback is a finding, and the remote's fd
+count is sampled to catch leaked fds.
 
 Each session serves one model (pci-testdev, edu, virtio-blk in turn) on a socketpair, the server
 in a thread of this process, and a client sends a mix of well-formed commands (VERSION first, DMA
@@ -29,6 +33,7 @@ import os
 import random
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -77,14 +82,35 @@ def _open_fds() -> set[str]:
 
 
 class _Session:
-    def __init__(self, model: str, rng: random.Random, report: Report, backing_path: str) -> None:
+    #: fds a healthy remote may hold beyond its start-up set: one per DMA window (mmap keeps a
+    #: dup) and the IRQ eventfds; anything above means received fds are being leaked
+    FD_SLACK = 64 + 8
+
+    def __init__(
+        self, model: str, rng: random.Random, report: Report, backing_path: str, target: str = "thread"
+    ) -> None:
         self.rng = rng
         self.report = report
         self.model = model
+        self.target = target
         self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.backing = open(backing_path, "r+b", buffering=0) if model == "virtio-blk" else None  # noqa: SIM115
         self.result: dict[str, BaseException | int] = {}
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.fd_base = 0
+        self.fd_peak = 0
+        if target == "process":
+            argv = [sys.executable, "-m", "mpqemu_mgmt.remote", "--device", model, "--fd",
+                    str(self.ours.fileno()), "--transport", "vfio-user", "--seccomp", "enforce"]
+            keep = [self.ours.fileno()]
+            if self.backing is not None:
+                argv += ["--backing-fd", str(self.backing.fileno())]
+                keep.append(self.backing.fileno())
+            self.proc = subprocess.Popen(argv, pass_fds=keep, stderr=subprocess.PIPE)
+            self.ours.close()
+            self.thread = threading.Thread(target=lambda: None, daemon=True)
+        else:
+            self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
         theirs.settimeout(10)
         self.client = VfioUserClient(theirs)
@@ -257,6 +283,7 @@ class _Session:
         sent = 0
         self.client.handshake()
         sent += 1
+        self.fd_base = self._remote_fds()
         if self.model == "edu" and self.rng.random() < 0.5:
             sent += self._edu_dma_by_message()
         while sent < budget:
@@ -272,6 +299,8 @@ class _Session:
                     if fd != self.memfd:
                         os.close(fd)
             sent += 1
+            if self.proc is not None and sent % 200 == 0:
+                self.fd_peak = max(self.fd_peak, self._remote_fds())
             if self.rng.random() < 0.0005:
                 time.sleep(0.12)  # let device timers (edu's 100 ms DMA) fire mid-session
             if broken:
@@ -284,8 +313,32 @@ class _Session:
                     raise AssertionError(f"server went away without a broken frame: {exc}") from exc
         return sent
 
+    def _remote_fds(self) -> int:
+        if self.proc is None:
+            return 0
+        try:
+            return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        except OSError:
+            return 0
+
     def close(self) -> None:
         self.client.close()
+        if self.proc is not None:
+            try:
+                rc = self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                rc = self.proc.wait()
+                self.report.crashes.append(f"{self.model}: remote process hung after the client closed")
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            if self.proc.stderr:
+                self.proc.stderr.close()
+            # 0: client closed; 1: protocol error after a broken frame. A signal (SIGSYS from
+            # seccomp, SIGSEGV) or a traceback is a finding.
+            if rc not in (0, 1) or "Traceback" in err:
+                self.report.crashes.append(f"{self.model}: remote exited {rc}: {err[-1500:]}")
+            if self.fd_base and self.fd_peak > self.fd_base + self.FD_SLACK:
+                self.report.fd_leak.append(f"{self.model}: remote fds {self.fd_base} -> peak {self.fd_peak}")
         self.thread.join(10)
         os.close(self.memfd)
         if self.backing is not None:
@@ -299,7 +352,11 @@ class _Session:
             self.report.crashes.append(f"{self.model}: {text}")
 
 
-def run_campaign(messages: int = 100_000, seed: int = 1, session_len: int = 4000) -> Report:
+def run_campaign(
+    messages: int = 100_000, seed: int = 1, session_len: int = 4000, target: str = "thread"
+) -> Report:
+    """``target``: "thread" (server in this process, fastest) or "process" (the real remote,
+    ``python -m mpqemu_mgmt.remote --transport vfio-user --seccomp enforce``, one per session)."""
     rng = random.Random(seed)
     report = Report()
     start = time.monotonic()
@@ -309,7 +366,7 @@ def run_campaign(messages: int = 100_000, seed: int = 1, session_len: int = 4000
         before = _open_fds()
         while report.messages < messages:
             model = MODELS[report.sessions % len(MODELS)]
-            session = _Session(model, rng, report, disk.name)
+            session = _Session(model, rng, report, disk.name, target)
             report.sessions += 1
             try:
                 report.messages += session.run(min(session_len, messages - report.messages + 1))
@@ -343,8 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--session-len", type=int, default=4000)
+    p.add_argument("--target", choices=("thread", "process"), default="thread")
     args = p.parse_args(argv)
-    report = run_campaign(args.messages, args.seed, args.session_len)
+    report = run_campaign(args.messages, args.seed, args.session_len, args.target)
     json.dump(report.to_dict(), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0 if report.ok else 1
