@@ -65,6 +65,7 @@ class LaunchRequest:
     backend: Backend = "builtin"
     transport: str = "mpqemu"
     backing: tuple[Path, ...] = ()  # backing files, opened here and passed as fds
+    readonly: bool = False  # open the backing files read-only (and tell the remote so)
     qemu_binary: str = "qemu-system-x86_64"
     qemu_props: tuple[str, ...] = ()  # extra "key=value" properties of the QEMU -device
     qemu_extra: tuple[str, ...] = ()  # extra QEMU arguments (checked: never a second device)
@@ -311,12 +312,16 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
         backing_ro: list[int] = []
         for path in request.backing:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(path, (os.O_RDONLY if request.readonly else os.O_RDWR) | os.O_CLOEXEC)
                 owned.append(fd)
                 backing.append(fd)
                 if request.backend == "qemu":
-                    ro = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                    owned.append(ro)
+                    # QEMU's block layer opens read-only first, then read-write: the fd set needs
+                    # a member of each access mode (7.2 monitor/misc.c monitor_fdset_get_fd
+                    # matches O_ACCMODE)
+                    ro = fd if request.readonly else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    if ro != fd:
+                        owned.append(ro)
                     backing_ro.append(ro)
             except OSError as exc:
                 raise ConfinementError(f"cannot open backing file {path}: {exc.strerror}",
@@ -324,12 +329,13 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
         fds = remote_argv.RemoteFds(owned[0], owned[1], tuple(backing), tuple(backing_ro))
         if request.backend == "builtin":
             inner = remote_argv.builtin_argv(request.python, request.module, request.model, fds,
-                                             seccomp=profile.seccomp.value, transport=request.transport)
+                                             seccomp=profile.seccomp.value, transport=request.transport,
+                                             readonly=request.readonly)
             seccomp_label = profile.seccomp.value
         else:
             inner = remote_argv.qemu_argv(request.qemu_binary, request.device_id, request.model, fds,
                                           props=request.qemu_props, sandbox=profile.qemu_sandbox,
-                                          extra=request.qemu_extra)
+                                          extra=request.qemu_extra, readonly=request.readonly)
             seccomp_label = "qemu-sandbox"
         limits = profile.rlimits
         if request.backing:  # the backing file must stay writable up to its size (RLIMIT_FSIZE)

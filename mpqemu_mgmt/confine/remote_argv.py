@@ -32,8 +32,8 @@ class RemoteFds:
     qmp: int
     backing: tuple[int, ...] = ()
     #: qemu backend only: a read-only fd of each backing file, added to the same fd set
-    #: (qemu_open of /dev/fdset/N dups the member whose access mode matches, and the block
-    #: layer opens read-only first: util/osdep.c qemu_open_internal, monitor/fds.c)
+    #: (qemu_open_internal in util/osdep.c dups the member whose access mode matches, found by
+    #: monitor_fdset_get_fd in 7.2's monitor/misc.c; the block layer opens read-only first)
     backing_ro: tuple[int, ...] = ()
 
 
@@ -51,6 +51,7 @@ def builtin_argv(
     *,
     seccomp: str,
     transport: str = "mpqemu",
+    readonly: bool = False,
 ) -> list[str]:
     if not _MODEL.match(model):
         raise UsageError(f"invalid device model {model!r}")
@@ -60,6 +61,8 @@ def builtin_argv(
             "--qmp-fd", str(fds.qmp)]
     for fd in fds.backing:
         argv += ["--backing-fd", str(fd)]
+    if readonly and fds.backing:
+        argv.append("--readonly")
     if transport != "mpqemu":
         argv += ["--transport", transport]
     argv += ["--seccomp", seccomp]
@@ -76,6 +79,7 @@ def qemu_argv(
     props: Sequence[str] = (),
     sandbox: str,
     extra: Sequence[str] = (),
+    readonly: bool = False,
 ) -> list[str]:
     validate_id(device_id)
     if not _MODEL.match(driver):
@@ -90,12 +94,15 @@ def qemu_argv(
             "-display", "none", "-serial", "none", "-monitor", "none"]
     device = [driver, f"id={device_id}", *props]
     if len(fds.backing_ro) != len(fds.backing):
-        raise UsageError("every backing file needs a read-write and a read-only fd")
+        raise UsageError("every backing file needs a read-write (or, read-only, a second) fd")
     for index, (fd, ro_fd) in enumerate(zip(fds.backing, fds.backing_ro, strict=True)):
         fdset = index + 1
         drive = f"drive-{device_id}" if index == 0 else f"drive-{device_id}-{index}"
-        argv += ["-add-fd", f"fd={fd},set={fdset}", "-add-fd", f"fd={ro_fd},set={fdset}",
-                 "-drive", f"file=/dev/fdset/{fdset},if=none,id={drive},format=raw,file.locking=off"]
+        members = [ro_fd] if readonly else [fd, ro_fd]
+        for member in dict.fromkeys(members):
+            argv += ["-add-fd", f"fd={member},set={fdset}"]
+        argv += ["-drive", f"file=/dev/fdset/{fdset},if=none,id={drive},format=raw,file.locking=off"
+                 + (",readonly=on" if readonly else "")]
         if index == 0:
             device.append(f"drive={drive}")
     argv += [

@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--qmp-fd", type=int, required=True)
     parser.add_argument("--backing-fd", type=int)
+    parser.add_argument("--readonly", action="store_true")
     parser.add_argument("--transport", default="mpqemu")
     parser.add_argument("--seccomp", default="enforce")
     args = parser.parse_args(argv)

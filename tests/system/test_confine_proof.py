@@ -412,3 +412,38 @@ def test_stock_qemu_remote_confined(tmp_path: Path) -> None:
     finally:
         remote.stop(2)
     assert not req.qmp_path.exists()
+
+
+def test_readonly_backing_both_backends(start: Any, tmp_path: Path) -> None:
+    image = tmp_path / "ro.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    image.chmod(0o444)
+    probe = start("enforce", model="virtio-blk", backing=(image,), readonly=True)
+    pid = probe.remote.pid
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert "--readonly" in argv
+    backing = int(argv[argv.index("--backing-fd") + 1])
+    flags = Path(f"/proc/{pid}/fdinfo/{backing}").read_text().split("flags:")[1].split()[0]
+    assert int(flags, 8) & os.O_ACCMODE == os.O_RDONLY
+    if shutil.which("qemu-system-x86_64") is None:
+        return
+    req = LaunchRequest("ro0", "virtio-blk-pci", tmp_path / "ro0.qmp", backend="qemu",
+                        backing=(image,), readonly=True, log_path=tmp_path / "ro0.log")
+    remote = launch(req, profile_for("qemu"))
+    try:
+        remote.wait_ready(20)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(str(req.qmp_path))
+            reader = client.makefile("rb")
+            reader.readline()
+            client.sendall(b'{"execute":"qmp_capabilities"}\n{"execute":"query-block"}\n')
+            reader.readline()
+            block = json.loads(reader.readline())["return"]
+        assert block[0]["inserted"]["ro"] is True
+        modes = {int(Path(f"/proc/{remote.pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+                 & os.O_ACCMODE for fd in os.listdir(f"/proc/{remote.pid}/fd")
+                 if os.readlink(f"/proc/{remote.pid}/fd/{fd}") == str(image)}
+        assert modes == {os.O_RDONLY}  # no writable fd of the image anywhere in the process
+    finally:
+        remote.stop(2)

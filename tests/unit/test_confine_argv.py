@@ -109,3 +109,14 @@ def test_qemu_profile_file_syntax() -> None:
         parse_qemu_profile("[rlimits]\nstack = 1\n")
     with pytest.raises(UsageError):
         parse_qemu_profile("bogus = 1\n")
+
+
+def test_readonly_backing() -> None:
+    argv = builtin_argv("py", "m", "virtio-blk", RemoteFds(3, 4, (5,)), seccomp="enforce", readonly=True)
+    assert argv[argv.index("--backing-fd"):argv.index("--seccomp")] == ["--backing-fd", "5", "--readonly"]
+    argv = builtin_argv("py", "m", "edu", RemoteFds(3, 4), seccomp="enforce", readonly=True)
+    assert "--readonly" not in argv  # nothing to be read-only about
+    argv = qemu_argv("q", "vb0", "virtio-blk-pci", RemoteFds(3, 4, (5,), (5,)), sandbox="on", readonly=True)
+    joined = " ".join(argv)
+    assert joined.count("-add-fd") == 1 and "fd=5,set=1" in joined
+    assert "format=raw,file.locking=off,readonly=on" in joined
