@@ -93,12 +93,22 @@ def test_guest_lifecycle(driver_name: str, machine: str, state_root: Path) -> No
             assert all(pid_alive(r.pid) for r in runtime.remotes.values())
             # The rebooted guest comes back with the same devices.
             await asyncio.to_thread(wait_seen, console, {EDU, TESTDEV}, {LSI})
+
+            # 5. hard reset of one device: unplug, a fresh remote, plug, in the same slot.
+            old = runtime.remotes["edu0"]
+            slot = old.placement
+            await driver.reset(runtime, "edu0")
+            new = runtime.remotes["edu0"]
+            assert new.pid != old.pid and new.placement == slot
+            assert await wait_exit(old.pid, None, 5.0), "the old edu remote is still running"
+            assert (await device_status(new.qmp_path))["messages"].get("PciConfigRead", 0) > 0
+            await asyncio.to_thread(wait_seen, console, {EDU, TESTDEV}, {LSI})
         finally:
             pids = [runtime.pid, *(r.pid for r in runtime.remotes.values())]
             await driver.stop(runtime, force=True)
             if isinstance(driver, LibvirtDriver):
                 await driver.undefine(spec)
-        # 5. stop: no process left.
+        # 6. stop: no process left.
         for pid in pids:
             assert not pid_alive(pid)
         assert processes_under(state_root) == []

@@ -58,6 +58,12 @@ def test_libvirt_start_attach_reset_stop(machine: str, state_root: Path, libvirt
             await driver.attach(runtime, DeviceSpec(id="net0", model="e1000", backend="qemu"))
             assert "net0" in await _ids(driver, runtime)
             await driver.reset(runtime)
+            # adopt: a fresh driver (service restart) re-attaches from the saved record.
+            fresh = LibvirtDriver(state_root)
+            adopted = await fresh.adopt(runtime.to_record())
+            assert adopted.pid == runtime.pid and set(adopted.remotes) == {"tdev", "lsi0", "net0"}
+            assert await _ids(fresh, adopted) >= {"tdev", "lsi0", "net0"}
+            await (await fresh.channel(adopted)).close()
             with pytest.raises(MigrationRefused):
                 driver.refuse_migration(runtime.spec, "save")
             # QEMU itself blocks migration too (hw/remote/proxy.c migration blocker).
