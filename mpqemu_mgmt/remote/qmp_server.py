@@ -31,6 +31,37 @@ PACKAGE = "mpqemu-mgmt remote"
 Handler = Callable[[dict[str, Any]], Any]
 
 
+def _value_end(data: bytes) -> int | None:
+    """End offset of the first complete top-level JSON value in ``data``, None if incomplete.
+
+    Like QEMU's JSON streamer (qobject/json-streamer.c), it only tracks nesting and strings: an
+    object or array ends where its depth returns to zero; anything else (a stray scalar, garbage)
+    ends at the next newline and is then reported as a parse error.
+    """
+    if data[:1] not in (b"{", b"["):
+        nl = data.find(b"\n")
+        return None if nl < 0 else nl + 1
+    depth = 0
+    in_string = escaped = False
+    for i, c in enumerate(data):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x7B, 0x5B):  # { [
+            depth += 1
+        elif c in (0x7D, 0x5D):  # } ]
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
 class QmpError(Exception):
     """A QMP error reply (class and description), not an MpqemuError: it never leaves this module."""
 
@@ -116,24 +147,21 @@ class QmpServer:
         self._parse()
 
     def _parse(self) -> None:
-        decoder = json.JSONDecoder()
         while self.client is not None:
             text = self._buf.lstrip()
             if not text:
                 self._buf = b""
                 return
+            end = _value_end(text)
+            if end is None:
+                self._buf = text
+                return  # incomplete: wait for more input
+            chunk, self._buf = text[:end], text[end:]
             try:
-                s = text.decode("utf-8")
-                obj, end = decoder.raw_decode(s)
-            except UnicodeDecodeError:
-                return  # maybe a split multi-byte sequence: wait for more
-            except json.JSONDecodeError as exc:
-                if exc.pos >= len(s.rstrip()):
-                    return  # incomplete: wait for more
-                self._buf = b""
+                obj = json.loads(chunk)
+            except (ValueError, UnicodeDecodeError):
                 self._send({"error": {"class": "GenericError", "desc": "JSON parse error"}})
-                return
-            self._buf = s[end:].encode("utf-8")
+                continue
             self._dispatch(obj)
 
     def _dispatch(self, obj: Any) -> None:

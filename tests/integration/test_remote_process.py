@@ -246,3 +246,26 @@ def test_device_reset_and_bad_bar_sizes(edu: tuple[BuiltinRemote, ProxySim, str]
         assert px.request(BarRead(addr, size, True)).value == UINT64_MAX
     assert px.bar_read_at(0, 0, 2) == 0xFFFF  # edu: sizes other than 4/8 read as all-ones
     assert px.bar_read_at(0, 0x80, 8) == 0
+
+
+def test_qmp_one_client_at_a_time_and_split_input(edu: tuple[BuiltinRemote, ProxySim, str]) -> None:
+    _, px, path = edu
+    with socket.socket(socket.AF_UNIX) as a, socket.socket(socket.AF_UNIX) as b:
+        a.settimeout(5)
+        a.connect(path)
+        fa = a.makefile("rwb")
+        assert b'"QMP"' in fa.readline()
+        b.connect(path)  # queued in the backlog: no greeting while the first client stays
+        b.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            b.recv(1)
+        # a command split over several writes is assembled before it runs
+        for chunk in (b'{"execute": "qmp_capa', b'bilities"', b', "id": 1}\n'):
+            a.sendall(chunk)
+            time.sleep(0.05)
+        assert fa.readline().strip() == b'{"return": {}, "id": 1}'
+        assert px.config_read(0, 2) == 0x1234  # the device is served meanwhile
+        fa.close()
+        a.close()
+        b.settimeout(5)
+        assert b'"QMP"' in b.recv(4096)  # the next client is served once the first left
