@@ -421,9 +421,9 @@ class VfioUserSession:
                 raw = self.transport.recv_message()
                 if raw is None:
                     raise DmaError("client closed the socket during DMA")
-                event = self.endpoint.receive(raw.header, raw.payload, raw.fds)
+                event = self.endpoint.receive(raw.header, raw.payload, raw.fds.numbers())
                 if isinstance(event, ReplyReceived) and event.msg_id == msg_id:
-                    close_fds(raw.fds)
+                    raw.fds.close()
                     return event
                 # A vCPU may be waiting on us while its main loop waits for the BQL: serve it.
                 self._dispatch(raw, event)
@@ -454,41 +454,43 @@ class VfioUserSession:
     # -- the loop -------------------------------------------------------------------------------
 
     def _dispatch(self, raw: RawMessage, event: Any) -> None:
+        """Answer one event. Every fd of ``raw`` is closed on the way out unless adopted."""
+        with raw.fds:
+            self._dispatch_owned(raw, event)
+
+    def _dispatch_owned(self, raw: RawMessage, event: Any) -> None:
+        if isinstance(event, Rejected):
+            self.rejected += 1
+            log.debug("rejected %s: %s", event.command, event.reason)
+            if event.answer is not None:
+                self.transport.send(event.answer)
+            if event.fatal:
+                raise ProtocolError(f"vfio-user session ended: {event.reason}")
+            return
+        if isinstance(event, StrayReply | ReplyReceived):
+            return  # a reply to nothing we wait for: dropped (its fds closed by the caller)
+        assert isinstance(event, RequestReceived)
+        request = event.request
+        name = wire.Command(raw.header.command).name
+        self.counts[name] = self.counts.get(name, 0) + 1
         adopted: tuple[int, ...] = ()
+        if isinstance(request, m.DmaMap | m.SetIrqs):
+            # From here the dispatcher owns them: DmaWindows.map closes its fd on every path,
+            # IrqFds keeps what it stores; the rest is closed in the finally below.
+            adopted = raw.fds.detach_all()
         try:
-            if isinstance(event, Rejected):
-                self.rejected += 1
-                log.debug("rejected %s: %s", event.command, event.reason)
-                if event.answer is not None:
-                    self.transport.send(event.answer)
-                if event.fatal:
-                    raise ProtocolError(f"vfio-user session ended: {event.reason}")
-                return
-            if isinstance(event, StrayReply | ReplyReceived):
-                return  # a reply to nothing we wait for: dropped
-            assert isinstance(event, RequestReceived)
-            request = event.request
-            name = wire.Command(raw.header.command).name
-            self.counts[name] = self.counts.get(name, 0) + 1
-            if isinstance(request, m.DmaMap | m.SetIrqs):
-                adopted = tuple(raw.fds)  # the dispatcher owns them from here, on every path
             outcome = self.device.handle(request)
-            if not event.no_reply:
-                if outcome.errno:
-                    self.transport.send(self.endpoint.error(event.msg_id, raw.header.command, outcome.errno))
-                else:
-                    self.transport.send(self.endpoint.reply(event.msg_id, outcome.reply))
-            if outcome.after is not None and not outcome.errno:
-                outcome.after()
         finally:
-            if adopted and isinstance(event, RequestReceived):
-                req = event.request
-                # SET_IRQS rejected by the device: its fds were not stored, close them.
-                if isinstance(req, m.SetIrqs):
-                    kept = set(self.device.irq_fds.fds.values())
-                    close_fds([fd for fd in adopted if fd not in kept])
+            if isinstance(request, m.SetIrqs):
+                kept = set(self.device.irq_fds.fds.values())
+                close_fds([fd for fd in adopted if fd not in kept])
+        if not event.no_reply:
+            if outcome.errno:
+                self.transport.send(self.endpoint.error(event.msg_id, raw.header.command, outcome.errno))
             else:
-                close_fds(raw.fds)
+                self.transport.send(self.endpoint.reply(event.msg_id, outcome.reply))
+        if outcome.after is not None and not outcome.errno:
+            outcome.after()
 
     def _unmask_fd(self) -> int | None:
         return self.device.irq_fds.get(wire.IRQ_INTX, wire.IRQ_SET_ACTION_UNMASK)
@@ -534,7 +536,7 @@ class VfioUserSession:
             raw = self.transport.recv_message()
             if raw is None:
                 return False
-            event = self.endpoint.receive(raw.header, raw.payload, raw.fds)
+            event = self.endpoint.receive(raw.header, raw.payload, raw.fds.numbers())
             self._dispatch(raw, event)
         self.timers.run_due()
         return True

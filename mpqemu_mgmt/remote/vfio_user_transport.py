@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mpqemu_mgmt.errors import InvalidMessage, TooManyFds, TruncatedMessage
+from mpqemu_mgmt.protocol.fds import FdBundle
 from mpqemu_mgmt.protocol.vfio_user import wire
 from mpqemu_mgmt.protocol.vfio_user.endpoint import ServerEndpoint
 from mpqemu_mgmt.protocol.vfio_user.wire import Header
@@ -51,7 +52,9 @@ def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 class RawMessage:
     header: Header
     payload: bytes
-    fds: tuple[int, ...]  # owned by whoever holds this; close_fds() what is not adopted
+    #: the fds that came with the header, owned: whatever is not detached (adopted) is closed
+    #: when the bundle is closed (protocol/fds.py, the same wrappers the mpqemu transport uses)
+    fds: FdBundle
 
 
 class VfioUserTransport:
@@ -96,7 +99,7 @@ class VfioUserTransport:
             close_fds(fds)
             raise
         self.received += 1
-        return RawMessage(header, bytes(payload), tuple(fds))
+        return RawMessage(header, bytes(payload), FdBundle.adopt(fds, os.close))
 
     def send(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         """Send one whole message; fds ride on the first sendmsg."""
