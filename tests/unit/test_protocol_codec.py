@@ -496,3 +496,23 @@ def test_random_bytes_never_escape_the_error_tree_nor_leak(data: bytes, nfds: in
         for f in message_fds(m):
             f.close()
     assert fds.all_closed_once()
+
+
+def test_codec_imports_no_io_modules() -> None:
+    # DESIGN.md: the sans-IO codec imports no socket, os or asyncio (OwnedFd's close is injected).
+    import ast
+    from pathlib import Path
+
+    import mpqemu_mgmt.protocol as pkg
+
+    forbidden = {"os", "socket", "asyncio", "select", "selectors", "subprocess"}
+    for name in ("__init__", "wire", "fds", "messages", "decoder", "endpoint"):
+        tree = ast.parse((Path(pkg.__file__).parent / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                mods = {(node.module or "").split(".")[0]}
+            else:
+                continue
+            assert not mods & forbidden, f"protocol/{name}.py imports {mods & forbidden}"
