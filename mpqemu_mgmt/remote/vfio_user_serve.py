@@ -22,6 +22,10 @@ later access can observe the difference.
 ``serve_vfio_user`` is the single entry used by ``python -m mpqemu_mgmt.remote --transport
 vfio-user``. The dispatcher (:class:`VfioUserDevice`) is pure apart from the injected DMA table and
 fd closer; the loop (:class:`VfioUserSession`) is the IO shell around it.
+
+What it must not do: change a model for the transport's sake, send anything on the socket but
+replies and DMA_READ/DMA_WRITE, create or bind paths (the manager hands over a connected socket),
+or keep an fd it did not store (DMA windows and IRQ eventfds are the only ones it adopts).
 """
 
 from __future__ import annotations
@@ -186,9 +190,10 @@ class VfioUserDevice:
 
     def set_level(self, level: bool) -> None:
         if self.intx.set_level(level):
-            self._fire()
+            self.fire()
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
+        """Signal the INTx trigger eventfd (if the client gave one)."""
         fd = self.irq_fds.get(wire.IRQ_INTX, wire.IRQ_SET_ACTION_TRIGGER)
         if fd is not None:
             self.signal(fd)
@@ -334,11 +339,11 @@ class VfioUserDevice:
         if req.index == wire.IRQ_INTX:
             if req.action == wire.IRQ_SET_ACTION_UNMASK:
                 if self.intx.unmask():
-                    self._fire()
+                    self.fire()
             elif req.action == wire.IRQ_SET_ACTION_MASK:
                 self.intx.mask()
             elif req.action == wire.IRQ_SET_ACTION_TRIGGER:
-                self._fire()
+                self.fire()
         return ok
 
     def close(self) -> None:
@@ -524,7 +529,7 @@ class VfioUserSession:
         qmp_fds = self.qmp.filenos() if self.qmp is not None else []
         ready = self.transport.wait_readable(wait, (*extra, *qmp_fds))
         if unmask is not None and unmask in ready and drain_eventfd(unmask) and self.device.intx.unmask():
-            self.device._fire()
+            self.device.fire()
         if self.qmp is not None:
             for fd in qmp_fds:
                 if fd in ready:

@@ -7,6 +7,8 @@ path at once, and start ``python -m mpqemu_mgmt.remote --transport vfio-user --f
 accepted socket. The confined remote never sees a path and never calls ``accept``.
 
 Test and benchmark tooling (an IO shell); the orchestration layer does the same in production.
+It must not be imported by the remote or the service, and it applies no confinement beyond the
+remote's own ``--seccomp``.
 """
 
 from __future__ import annotations
