@@ -47,8 +47,12 @@ QMP_TIMEOUT: Final = 10.0
 REMOTE_START_TIMEOUT: Final = 10.0
 REMOTE_EXIT_TIMEOUT: Final = 5.0
 VM_STOP_TIMEOUT: Final = 30.0
-#: QEMU's messages (qdev-monitor.c qdev_unplug / find_device_state; monitor/fds.c).
+#: QEMU's messages: "Device '%s' not found" (qdev-monitor.c find_device_state) and "File descriptor
+#: named '%s' not found" (monitor/fds.c qmp_closefd) mean the thing is already gone.
 ERR_NOT_FOUND: Final = "not found"
+#: qdev-monitor.c qmp_device_del refuses a second request while the first is pending. In 7.2 an
+#: ACPI request is pending until the guest acts (the expiry came in 8.0), so a retry just keeps
+#: waiting for the same DEVICE_DELETED; a request sent before the guest OS runs is never acted on.
 ERR_UNPLUG_PENDING: Final = "already in the process of unplug"
 
 ACTIONS: Final = ("start", "attach", "detach", "reset", "hard-reset", "stop")
