@@ -117,7 +117,8 @@ class Ret:
     """MPQEMU_CMD_RET. ``size`` is the wire payload size: 8 normally, 0 for the stock reset reply.
 
     The proxy zero-fills its reply buffer (mpqemu_msg_send_and_await_reply), so a shorter payload
-    supplies only the low bytes of ``value``.
+    supplies only the low bytes of ``value``; bytes past the first 8 of a longer payload are
+    ignored, as ``data.u64`` ignores them, and re-encode as zeros.
     """
 
     value: int = 0
