@@ -19,8 +19,11 @@ from mpqemu_mgmt.guestkit.initramfs import MARKER, NONCE_PARAM
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 # console=ttyS0 for the transcript; quiet keeps the kernel's chatter (and TCG time spent printing it)
-# out; panic=-1 with -no-reboot turns a guest panic into a QEMU exit instead of a hang.
-BASE_APPEND = ("console=ttyS0", "quiet", "panic=-1")
+# out; panic=-1 with -no-reboot turns a guest panic into a QEMU exit instead of a hang. The rest trim
+# TCG boot work (measured: QEMU CPU time per boot 2.1 s -> 1.8 s): no TSC watchdog/timer check, no
+# crypto self-tests, one 8250 port instead of probing four.
+BASE_APPEND = ("console=ttyS0", "quiet", "panic=-1", "tsc=reliable", "no_timer_check",
+               "cryptomgr.notests", "8250.nr_uarts=1")
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 
