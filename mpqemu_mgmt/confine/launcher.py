@@ -292,6 +292,18 @@ def _child_of(reaper: int, wrapper: subprocess.Popen[bytes], timeout: float) -> 
         time.sleep(0.002)
 
 
+def _log_tail(path: Path | None, size: int = 2000) -> str:
+    """The end of the remote's log (bwrap and the remote write their start-up errors there)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemote:
     """Start one confined remote device process; see the module docstring for the order."""
     remote_argv.validate_id(request.device_id)
@@ -394,11 +406,14 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
         if proxy is not None:
             proxy.close()
         with contextlib.suppress(OSError):
-            request.qmp_path.unlink()
+            if stat.S_ISSOCK(request.qmp_path.lstat().st_mode):  # never another kind of file
+                request.qmp_path.unlink()
+        if isinstance(exc, MpqemuError):
+            exc.details.setdefault("log", _log_tail(request.log_path))
         if isinstance(exc, MpqemuError | KeyboardInterrupt | SystemExit) or not isinstance(exc, Exception):
             raise
         raise ConfinementError(f"cannot launch remote {request.device_id}: {exc}",
-                               device=request.device_id) from exc
+                               device=request.device_id, log=_log_tail(request.log_path)) from exc
     finally:
         for fd in owned:
             with contextlib.suppress(OSError):

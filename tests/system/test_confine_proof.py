@@ -26,7 +26,7 @@ import pytest
 from mpqemu_mgmt.confine import violations
 from mpqemu_mgmt.confine.launcher import LaunchedRemote, LaunchRequest, launch, profile_for
 from mpqemu_mgmt.confine.profile import ConfinementProfile
-from mpqemu_mgmt.errors import ConfinementError, OneDevicePerProcess, SeccompViolation
+from mpqemu_mgmt.errors import ConfinementError, OneDevicePerProcess, ProcessFailed, SeccompViolation
 
 PROBE = "mpqemu_mgmt.testing.confine_probe"
 
@@ -447,3 +447,26 @@ def test_readonly_backing_both_backends(start: Any, tmp_path: Path) -> None:
         assert modes == {os.O_RDONLY}  # no writable fd of the image anywhere in the process
     finally:
         remote.stop(2)
+
+
+def test_never_unlinks_a_non_socket_at_the_qmp_path(tmp_path: Path) -> None:
+    precious = tmp_path / "p0.qmp"
+    precious.write_text("not a socket")
+    req = LaunchRequest("p0", "pci-testdev", precious, module=PROBE)
+    with pytest.raises(ConfinementError):
+        launch(req, ConfinementProfile())
+    assert precious.read_text() == "not a socket"
+
+
+def test_start_up_failure_carries_the_log(tmp_path: Path) -> None:
+    req = LaunchRequest("p0", "pci-testdev", tmp_path / "p0.qmp", module="mpqemu_mgmt.no_such_module",
+                        log_path=tmp_path / "p0.log")
+    remote = launch(req, ConfinementProfile())  # bwrap starts; the Python module then fails
+    try:
+        with pytest.raises(ProcessFailed) as info:
+            remote.wait_ready(10)
+        assert remote.wait(5).returncode == 1
+        assert "No module named mpqemu_mgmt.no_such_module" in (tmp_path / "p0.log").read_text()
+        assert info.value.exit_code == 4
+    finally:
+        remote.stop(0.5)
