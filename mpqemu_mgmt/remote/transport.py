@@ -110,7 +110,8 @@ class Transport:
             if not data:
                 # fds that came with no bytes (peer closed right after sendmsg) are not a message.
                 fds.close()
-                self._events.extend(self.endpoint.receive_eof())
+                # An endpoint that was already closed yields nothing: report the close again.
+                self._events.extend(self.endpoint.receive_eof() or [ConnectionClosed()])
                 break
             # MSG_CTRUNC is a protocol error (TooManyFds), raised once the message is complete,
             # where mpqemu_msg_recv's fd-count check would fail for stock QEMU too.

@@ -129,6 +129,7 @@ def test_eof_before_header_is_clean(pair: Pair) -> None:
     remote = Transport(pair[1], "remote")
     assert remote.read_message() is None
     assert remote.closed_by_peer
+    assert remote.read_message() is None  # asking again after the close stays a clean None
 
 
 def test_eof_right_after_a_header_is_a_clean_close_like_stock(pair: Pair) -> None:
