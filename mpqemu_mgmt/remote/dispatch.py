@@ -9,7 +9,9 @@ mirrors hw/remote/message.c:
 * BAR_READ / BAR_WRITE: a size that is not a power of two up to 8 answers ``UINT64_MAX``
   (``process_bar_*``); the absolute address is decoded by :class:`~mpqemu_mgmt.pci.barmap.BarMap`
   (BAR windows + command-register decode). Memory that hits no BAR answers ``UINT64_MAX``; I/O
-  that hits no BAR reads as all-ones and swallows writes, like QEMU's unassigned I/O space;
+  that hits no BAR reads as all-ones and swallows writes, like QEMU's unassigned I/O space, and
+  I/O above 64 KiB (where no port exists, even if a BAR was programmed there) answers
+  ``UINT64_MAX``;
 * SYNC_SYSMEM and SET_IRQFD are adopted by guest memory and the IRQ line and get no reply;
 * DEVICE_RESET calls only the model's own reset (``dc->reset``) and answers a size-0 RET.
 
@@ -41,6 +43,10 @@ from mpqemu_mgmt.protocol.messages import (
 from mpqemu_mgmt.protocol.wire import UINT64_MAX
 from mpqemu_mgmt.remote.irq import EventfdIrq
 from mpqemu_mgmt.remote.memory import MappedGuestMemory
+
+# x86 port I/O is 64 KiB: QEMU's "io" root region (softmmu/physmem.c memory_map_init) ends there,
+# so an I/O BAR programmed above it decodes nowhere and accesses there fail like unmapped memory.
+IO_SPACE_SIZE = 0x10000
 
 _OK = Ret(0)
 _FAIL = Ret(UINT64_MAX)
@@ -131,9 +137,9 @@ class MpqemuDispatcher:
         if self._bad_size(size):
             return _FAIL
         hit = self.barmap.resolve(msg.addr, size, msg.memory)
-        if hit is None:
-            if msg.memory:
-                return self._error(f"bad address {msg.addr:#x} for mem read")
+        if hit is None or (not msg.memory and msg.addr + size > IO_SPACE_SIZE):
+            if msg.memory or msg.addr + size > IO_SPACE_SIZE:
+                return self._error(f"bad address {msg.addr:#x} for {'mem' if msg.memory else 'io'} read")
             return Ret((1 << (8 * size)) - 1)
         try:
             return Ret(self.model.bar_read(hit[0], hit[1], size) & ((1 << (8 * size)) - 1))
@@ -145,9 +151,9 @@ class MpqemuDispatcher:
         if self._bad_size(size):
             return _FAIL
         hit = self.barmap.resolve(msg.addr, size, msg.memory)
-        if hit is None:
-            if msg.memory:
-                return self._error(f"bad address {msg.addr:#x} for mem write")
+        if hit is None or (not msg.memory and msg.addr + size > IO_SPACE_SIZE):
+            if msg.memory or msg.addr + size > IO_SPACE_SIZE:
+                return self._error(f"bad address {msg.addr:#x} for {'mem' if msg.memory else 'io'} write")
             return _OK
         try:
             self.model.bar_write(hit[0], hit[1], size, msg.value & ((1 << (8 * size)) - 1))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mpqemu_mgmt.devices.pci_testdev import PciTestDev
 from mpqemu_mgmt.protocol import UINT64_MAX, BarRead, BarWrite, PciConfigRead, PciConfigWrite
 from mpqemu_mgmt.testing.builtin_remote import BuiltinRemote
 from mpqemu_mgmt.testing.proxysim import ProxySim
@@ -218,6 +219,71 @@ def test_ours_survives_what_kills_stock(tmp_path: Path) -> None:
         assert px.request(PciConfigRead(0xFE, 4)).value == UINT64_MAX
         assert px.request(BarRead(0xDEAD0000, 4, True)).value == UINT64_MAX  # stock: shuts down
         assert px.request(PciConfigRead(0, 9)).value == UINT64_MAX
+        assert px.request(BarRead(0x10000, 1, False)).value == UINT64_MAX  # no port above 64 KiB
         assert px.config_read(0, 4) == 0x00051B36
         assert ours.alive()
     assert ours.wait(5) == 0
+
+
+def moving_ops(seed: int, n: int) -> Iterator[object]:
+    """Random sequences that also move BARs and flip decode bits.
+
+    A pure mirror of the config space (our ConfigSpace, fed the same writes) says where each BAR
+    decodes right now, so memory accesses only go where the stock remote has a BAR (anything else
+    makes it shut down); whether we decode the same way is what the comparison then checks, through
+    the BAR reads' results.
+    """
+    rng = random.Random(seed)
+    mirror = PciTestDev()
+    for op in (PciConfigWrite(0x10, MEM_BASE, 4), PciConfigWrite(0x14, IO_BASE, 4), PciConfigWrite(4, 3, 2)):
+        mirror.config_write(op.addr, op.length, op.value)
+        yield op
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.1:
+            off = rng.choice((0x10, 0x14, 0x10, 0x14, 0x11, 0x15, 0x12))
+            size = 4 if off in (0x10, 0x14) else 1
+            val = rng.choice(
+                (
+                    rng.randrange(0xE0000000, 0xFEFFF000) & ~0xFFF,
+                    rng.randrange(0x1000, 0xFF00) & ~0xFF,
+                    0,
+                    0xFFFFFFFF,
+                    rng.getrandbits(32),
+                )
+            )
+            op = PciConfigWrite(off, val, size)
+        elif r < 0.15:
+            op = PciConfigWrite(4, rng.choice((0, 1, 2, 3, 0x403, 0xFFFF)), rng.choice((1, 2)))
+        elif r < 0.25:
+            op = PciConfigRead(rng.choice((0x04, 0x06, 0x10, 0x14, 0x11, 0x16)), rng.choice((1, 2, 4)))
+        else:
+            bar = rng.choice((0, 1))
+            win = mirror.config.window(bar)
+            size = rng.choice((1, 2, 4))
+            if win is not None and not win.memory and win.base + win.size > 0x10000:
+                win = None  # an I/O BAR above 64 KiB decodes nowhere (QEMU's io region ends there)
+            if win is None:
+                if bar == 0:
+                    continue  # memory that decodes nowhere: the stock remote would stop
+                addr = IO_BASE + rng.randrange(0, 256 - 4)  # unassigned I/O reads all-ones
+            else:
+                t = rng.randrange(6)
+                off = rng.choice((0, 4, 8, 12, rng.randrange(0, win.size - 4), (2048 if t < 3 else 128) + t))
+                addr = win.base + min(off, win.size - size)
+            mem = bar == 0
+            if rng.random() < 0.5:
+                op = BarRead(addr, size, mem)
+            else:
+                op = BarWrite(addr, rng.choice((0, 1, 2, 0xFA, 0xCE, rng.getrandbits(8 * size))), size, mem)
+        if isinstance(op, PciConfigWrite):
+            mirror.config_write(op.addr, op.length, op.value)
+        yield op
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_random_sequences_with_bar_moves(pair: Pair, seed: int) -> None:
+    log = Log(pair)
+    for op in moving_ops(seed, 1500):
+        log.req(op)
+    log.check()
