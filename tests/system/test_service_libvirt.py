@@ -1,0 +1,74 @@
+"""The service with the libvirt driver against the real libvirtd: start (paused, plugged through
+qemuMonitorCommandWithFiles, resumed), heartbeat on the remote and on libvirt's QEMU through the
+passthrough, a SIGKILLed remote under on_failure=pause pauses the domain, a SIGKILLed QEMU is a
+crash with its remotes reaped, and stop/undefine leave nothing (no domain, no process)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import time
+
+import pytest
+
+from mpqemu_mgmt.service.procfs import proc_start_time
+from tests.integration.service_fixture import Service, service, write_spec
+from tests.system.libvirt_fixture import URI, ensure_libvirtd
+
+__all__ = ["service"]
+
+
+def alive(pid: int) -> bool:
+    return proc_start_time(pid) is not None
+
+
+def domstate(name: str) -> str:
+    p = subprocess.run(["virsh", "-c", URI, "domstate", name], capture_output=True, text=True, timeout=30,
+                       check=False)
+    return p.stdout.strip() if p.returncode == 0 else "absent"
+
+
+def test_service_with_libvirt_driver(service: Service) -> None:
+    reason = ensure_libvirtd()
+    if reason is not None:
+        pytest.skip(reason)
+    name = f"mq-svc-{secrets.token_hex(3)}"
+    spec = write_spec(service.root, name,
+                      {"id": "t0", "model": "pci-testdev", "backend": "qemu", "on_failure": "pause"},
+                      {"id": "t1", "model": "pci-testdev", "backend": "builtin", "on_failure": "replug"},
+                      extra='driver = "libvirt"\nuri = "qemu:///system"\n')
+    try:
+        service.cli("define", str(spec))
+        service.cli("start", name)
+        assert domstate(name) == "running"
+        service.wait_event(name, "healthy", "t0", timeout=15)
+        main_ok = service.wait_event(name, "healthy", None, timeout=15)  # libvirt's QEMU via passthrough
+        assert main_ok["device"] is None
+        _, st, _ = service.cli("status", name)
+        assert st["driver"] == "libvirt" and st["pid"] and all(d["pid"] for d in st["devices"])
+
+        os.kill(st["devices"][0]["pid"], signal.SIGKILL)
+        service.wait_event(name, "paused", timeout=15)
+        assert domstate(name) == "paused"
+        assert service.cli("status", name)[1]["state"] == "paused"
+
+        remotes = [d["pid"] for d in st["devices"]]
+        os.kill(st["pid"], signal.SIGKILL)
+        service.wait_event(name, "crashed", timeout=15)
+        deadline = time.monotonic() + 5
+        while any(alive(p) for p in remotes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(p) for p in remotes)
+
+        service.cli("start", name)
+        assert domstate(name) == "running"
+        service.cli("stop", name, "--force")
+        assert domstate(name) in ("shut off", "absent")
+        service.cli("undefine", name)
+        assert domstate(name) == "absent"
+        assert service.leftovers() == []
+    finally:
+        subprocess.run(["virsh", "-c", URI, "destroy", name], capture_output=True, timeout=30, check=False)
+        subprocess.run(["virsh", "-c", URI, "undefine", name], capture_output=True, timeout=30, check=False)
