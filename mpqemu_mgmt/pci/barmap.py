@@ -17,6 +17,10 @@ from __future__ import annotations
 
 from mpqemu_mgmt.pci.config import ConfigSpace
 
+# x86 port I/O is 64 KiB: QEMU's "io" root region (softmmu/physmem.c memory_map_init) ends there,
+# so an I/O BAR programmed above it decodes nowhere.
+IO_SPACE_SIZE = 0x10000
+
 
 class BarMap:
     """Resolve accesses against the BAR windows of one config space."""
@@ -30,15 +34,20 @@ class BarMap:
         """``(bar, offset)`` for an access of ``size`` bytes at absolute ``addr``, or None.
 
         None when no decoded BAR of that space (memory or I/O) holds the whole access: the BAR is
-        not programmed there, its decode bit in the command register is off, or the access runs
-        past the end of the BAR.
+        not programmed there, its decode bit in the command register is off, the access runs
+        past the end of the BAR, or it is port I/O above 64 KiB.
         """
-        if size <= 0:
+        if size <= 0 or (not memory and addr + size > IO_SPACE_SIZE):
             return None
         for win in self._config.windows:
             if win.memory is memory and win.base <= addr and addr + size <= win.base + win.size:
                 return win.index, addr - win.base
         return None
+
+    @staticmethod
+    def port_exists(addr: int, size: int) -> bool:
+        """Whether a port I/O access lies inside the 64 KiB I/O space at all."""
+        return addr >= 0 and addr + size <= IO_SPACE_SIZE
 
     def check_region(self, bar: int, offset: int, size: int) -> bool:
         """True if ``[offset, offset + size)`` lies inside declared BAR ``bar`` (no decode check)."""

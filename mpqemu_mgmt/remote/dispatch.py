@@ -44,10 +44,6 @@ from mpqemu_mgmt.protocol.wire import UINT64_MAX
 from mpqemu_mgmt.remote.irq import EventfdIrq
 from mpqemu_mgmt.remote.memory import MappedGuestMemory
 
-# x86 port I/O is 64 KiB: QEMU's "io" root region (softmmu/physmem.c memory_map_init) ends there,
-# so an I/O BAR programmed above it decodes nowhere and accesses there fail like unmapped memory.
-IO_SPACE_SIZE = 0x10000
-
 _OK = Ret(0)
 _FAIL = Ret(UINT64_MAX)
 _RESET_DONE = Ret(0, 0)  # the stock remote answers DEVICE_RESET with a size-0 RET
@@ -137,8 +133,8 @@ class MpqemuDispatcher:
         if self._bad_size(size):
             return _FAIL
         hit = self.barmap.resolve(msg.addr, size, msg.memory)
-        if hit is None or (not msg.memory and msg.addr + size > IO_SPACE_SIZE):
-            if msg.memory or msg.addr + size > IO_SPACE_SIZE:
+        if hit is None:
+            if msg.memory or not BarMap.port_exists(msg.addr, size):
                 return self._error(f"bad address {msg.addr:#x} for {'mem' if msg.memory else 'io'} read")
             return Ret((1 << (8 * size)) - 1)
         try:
@@ -151,8 +147,8 @@ class MpqemuDispatcher:
         if self._bad_size(size):
             return _FAIL
         hit = self.barmap.resolve(msg.addr, size, msg.memory)
-        if hit is None or (not msg.memory and msg.addr + size > IO_SPACE_SIZE):
-            if msg.memory or msg.addr + size > IO_SPACE_SIZE:
+        if hit is None:
+            if msg.memory or not BarMap.port_exists(msg.addr, size):
                 return self._error(f"bad address {msg.addr:#x} for {'mem' if msg.memory else 'io'} write")
             return _OK
         try:
