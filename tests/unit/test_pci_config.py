@@ -198,3 +198,12 @@ def test_random_writes_keep_invariants(ops: list[tuple[int, int, int]]) -> None:
         assert cs.read(regs.INTERRUPT_PIN, 1) == 1
         for w in cs.windows:
             assert w.base % w.size == 0 and w.base != 0
+
+
+def test_io_bar_above_64k_decodes_nowhere() -> None:
+    cs = make(TESTDEV_BARS)
+    cs.write(regs.bar_offset(1), 4, 0x10000)
+    cs.write(regs.COMMAND, 2, regs.COMMAND_IO)
+    assert cs.window(1) is not None  # the config space decodes it, as QEMU's PCI core does
+    assert BarMap(cs).resolve(0x10000, 1, False) is None  # but there is no port there
+    assert not BarMap.port_exists(0xFFFF, 2) and BarMap.port_exists(0xFFFF, 1)
