@@ -63,15 +63,18 @@ def boot(spec: BootSpec, timeout: float = 60.0, serial_log: Path | None = None) 
     out = bytearray()
     err = bytearray()
     marker_at: float | None = None
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=spec.pass_fds,
-        close_fds=True,
-        start_new_session=True,
-    )
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=spec.pass_fds,
+            close_fds=True,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise ProcessFailed(f"cannot start QEMU: {exc}", argv=argv) from exc
     try:
         assert proc.stdout is not None and proc.stderr is not None
         with selectors.DefaultSelector() as sel:

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,6 +46,21 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def prune(directory: Path, pattern: str, keep: int, min_age_s: float) -> int:
+    """Delete the oldest files matching ``pattern`` beyond the ``keep`` newest, but only those not
+    touched for ``min_age_s`` seconds (a concurrent boot may be about to open a recent one).
+    Returns how many were deleted."""
+    now = time.time()
+    files = sorted(directory.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = 0
+    for path in files[keep:]:
+        with contextlib.suppress(FileNotFoundError):
+            if now - path.stat().st_mtime >= min_age_s:
+                path.unlink()
+                removed += 1
+    return removed
+
+
 def build_once(item: Path, build: Callable[[Path], object]) -> Path:
     """Return ``item``, first running ``build(tmp)`` and renaming ``tmp`` to it if it is missing.
 
@@ -56,8 +72,10 @@ def build_once(item: Path, build: Callable[[Path], object]) -> Path:
     with locked(item):
         if item.exists():
             return item
+        # Under the lock nobody else is building this item: leftovers of killed builders can go.
+        for stale in item.parent.glob(f".{item.name}.tmp-*"):
+            _remove(stale)
         tmp = item.parent / f".{item.name}.tmp-{os.getpid()}"
-        _remove(tmp)
         try:
             build(tmp)
             if not tmp.exists():

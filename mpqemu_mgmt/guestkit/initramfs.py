@@ -16,7 +16,9 @@ IO edge: it reads busybox and the module files. Nothing here starts QEMU.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
 import shlex
 import struct
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mpqemu_mgmt.errors import GuestKitError
-from mpqemu_mgmt.guestkit.cache import build_once, cache_root
+from mpqemu_mgmt.guestkit.cache import build_once, cache_root, prune
 from mpqemu_mgmt.guestkit.cpio import CpioEntry, write_newc
 from mpqemu_mgmt.guestkit.kernel import Kernel
 
@@ -166,9 +168,24 @@ def build_initramfs(
     return write_newc(initramfs_entries(blob, busybox_applets(busybox), images, script))
 
 
+_KEEP_IMAGES = 64
+_IMAGE_MIN_AGE_S = 24 * 3600.0
+
+
 def store_initramfs(image: bytes, directory: Path | None = None) -> Path:
-    """Write ``image`` once under its content hash (the cache's ``initramfs/`` by default)."""
+    """Write ``image`` once under its content hash (the cache's ``initramfs/`` by default).
+
+    Reusing an image refreshes its mtime; images unused for a day beyond the newest 64 are
+    deleted, so per-script images (about 3 MB each) do not pile up in the cache.
+    """
     digest = hashlib.sha256(image).hexdigest()[:24]
-    target = (directory or cache_root() / "initramfs") / f"{digest}.cpio"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return build_once(target, lambda tmp: tmp.write_bytes(image))
+    folder = directory or cache_root() / "initramfs"
+    target = folder / f"{digest}.cpio"
+    folder.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        with contextlib.suppress(OSError):
+            os.utime(target)
+        return target
+    build_once(target, lambda tmp: tmp.write_bytes(image))
+    prune(folder, "*.cpio", _KEEP_IMAGES, _IMAGE_MIN_AGE_S)
+    return target

@@ -1,5 +1,6 @@
 """The kit's IO edges without a guest: a third-party cpio reader (busybox) accepts our archives,
-build_once publishes exactly one build when processes race, and the KVM probe's quick refusals."""
+build_once publishes exactly one build when processes race and cleans up after failures, image
+pruning, and the quick refusals of the KVM probe and the boot runner."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from mpqemu_mgmt.errors import GuestKitError
+from mpqemu_mgmt.errors import GuestKitError, ProcessFailed
 from mpqemu_mgmt.guestkit import kvm
-from mpqemu_mgmt.guestkit.cache import build_once
+from mpqemu_mgmt.guestkit.boot import boot
+from mpqemu_mgmt.guestkit.cache import build_once, prune
 from mpqemu_mgmt.guestkit.cpio import CpioEntry, write_newc
+from mpqemu_mgmt.guestkit.qemu_argv import BootSpec
 
 BUSYBOX = shutil.which("busybox")
 
@@ -91,3 +94,32 @@ def test_kvm_probe_refuses_quickly_without_a_device(monkeypatch: pytest.MonkeyPa
     ok, reason = kvm.probe_kvm_boot()
     assert (ok, time.monotonic() - start < 1) == (False, True)
     assert "does not exist" in reason
+
+
+def test_build_once_clears_leftovers_of_killed_builders(tmp_path: Path) -> None:
+    stale = tmp_path / ".item.tmp-99999"
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    build_once(tmp_path / "item", lambda tmp: tmp.write_text("ok"))
+    assert not stale.exists()
+
+
+def test_prune_keeps_the_newest_and_the_recently_used(tmp_path: Path) -> None:
+    now = time.time()
+    for i in range(6):
+        path = tmp_path / f"{i}.cpio"
+        path.write_bytes(b"x")
+        age = 0 if i == 0 else 10_000 + i  # 0 is fresh, the rest old (5 oldest)
+        os.utime(path, (now - age, now - age))
+    assert prune(tmp_path, "*.cpio", keep=2, min_age_s=3600) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.cpio", "1.cpio"]
+    # a recent file beyond `keep` survives: a concurrent boot may be about to open it
+    (tmp_path / "2.cpio").write_bytes(b"y")
+    assert prune(tmp_path, "*.cpio", keep=1, min_age_s=3600) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.cpio", "2.cpio"]
+
+
+def test_boot_without_qemu_is_a_process_failure(tmp_path: Path) -> None:
+    spec = BootSpec(kernel=tmp_path / "k", initrd=tmp_path / "i", qemu_binary=str(tmp_path / "no-qemu"))
+    with pytest.raises(ProcessFailed, match="cannot start QEMU"):
+        boot(spec, timeout=5)
