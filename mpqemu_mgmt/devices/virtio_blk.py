@@ -90,6 +90,14 @@ def _split_front(views: tuple[memoryview, ...], skip: int) -> list[memoryview]:
     return out
 
 
+def _front(writable: tuple[memoryview, ...], last: memoryview, n: int) -> list[memoryview]:
+    """The device-writable buffers without the trailing status byte (``iov_discard_back``)."""
+    data = list(writable[:-1])
+    if n > 1:
+        data.append(last[: n - 1])
+    return data
+
+
 def _scatter(views: list[memoryview], data: bytes) -> None:
     """Copy ``data`` into the front of ``views`` (``iov_from_buf``); truncated to fit."""
     pos = 0
@@ -143,32 +151,39 @@ class BlkRequests:
 
     def handle_chain(self, queue: int, chain: Chain) -> int:
         """Serve one request; mirrors ``virtio_blk_handle_request``."""
-        if not chain.readable or not chain.writable:
+        readable, writable = chain.readable, chain.writable
+        if not readable or not writable:
             raise VirtqueueError("virtio-blk missing headers")
-        header = _gather(chain.readable, BLK_OUTHDR_SIZE)
-        if len(header) < BLK_OUTHDR_SIZE:
-            raise VirtqueueError("virtio-blk request outhdr too short")
-        last = chain.writable[-1]
+        first = readable[0]
+        if first.nbytes >= BLK_OUTHDR_SIZE:
+            rtype, _ioprio, sector = _OUTHDR.unpack_from(first)
+        else:
+            header = _gather(readable, BLK_OUTHDR_SIZE)
+            if len(header) < BLK_OUTHDR_SIZE:
+                raise VirtqueueError("virtio-blk request outhdr too short")
+            rtype, _ioprio, sector = _OUTHDR.unpack(header)
         # The status byte is the last byte of the last device-writable buffer
         # (struct virtio_blk_inhdr); used.len is every writable byte, status included.
-        in_len = chain.writable_len
-        status_view = last[last.nbytes - 1 :]
-        data_in = [*chain.writable[:-1], last[: last.nbytes - 1]] if last.nbytes > 1 else [
-            *chain.writable[:-1]
-        ]
-        rtype, _ioprio, sector = _OUTHDR.unpack(header)
-        status = self._dispatch(rtype, sector, chain, data_in)
-        status_view[0] = status
-        return in_len
-
-    def _dispatch(self, rtype: int, sector: int, chain: Chain, data_in: list[memoryview]) -> int:
+        last = writable[-1]
+        n = last.nbytes
+        in_len = n if len(writable) == 1 else sum(v.nbytes for v in writable)
         # mirrors the switch in virtio_blk_handle_request: it dispatches on the type without
         # VIRTIO_BLK_T_OUT and VIRTIO_BLK_T_BARRIER, so e.g. FLUSH|OUT is still a flush.
         kind = rtype & ~(BLK_T_OUT | BLK_T_BARRIER)
         if kind == BLK_T_IN:
             if rtype & BLK_T_OUT:
-                return self._write(sector, _split_front(chain.readable, BLK_OUTHDR_SIZE))
-            return self._read(sector, data_in)
+                data = list(readable[1:]) if first.nbytes == BLK_OUTHDR_SIZE else _split_front(
+                    readable, BLK_OUTHDR_SIZE
+                )
+                status = self._write(sector, data)
+            else:
+                status = self._read(sector, _front(writable, last, n))
+        else:
+            status = self._other(kind, chain, _front(writable, last, n))
+        last[n - 1] = status
+        return in_len
+
+    def _other(self, kind: int, chain: Chain, data_in: list[memoryview]) -> int:
         if kind == BLK_T_FLUSH:
             self.counters["flush"] += 1
             try:
@@ -270,6 +285,7 @@ class VirtioBlk(PciFunction):
             (queue_size,),
             memory=lambda: host.memory,
             on_error=host.guest_error,
+            defer=lambda callback: host.timers.call_later(0.0, callback),
         )
 
     def bar_read(self, bar: int, offset: int, size: int) -> int:

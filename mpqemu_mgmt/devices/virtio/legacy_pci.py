@@ -94,12 +94,18 @@ class LegacyVirtioPci:
         *,
         memory: Callable[[], GuestMemory | None],
         on_error: Callable[[str], None] | None = None,
+        defer: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.logic = logic
         self._config = config
         self._intx = intx
         self._memory = memory
         self._on_error = on_error
+        # Where kicks are served: at once (None), or after the host has answered the BAR write
+        # (the remote's timer queue), so the proxy's vCPU is not held for the I/O — what
+        # QEMU's ioeventfd + AIO achieve for its own virtio-blk.
+        self._defer = defer
+        self._kick_pending = [False] * len(queue_sizes)
         self.queues = [SplitQueue(n) for n in queue_sizes]
         self.host_features = (logic.features | TRANSPORT_FEATURES) & 0xFFFFFFFF
         self.guest_features = 0
@@ -202,7 +208,7 @@ class LegacyVirtioPci:
                 self.queue_sel = value
         elif offset == LegacyReg.QUEUE_NOTIFY:
             if value < len(self.queues):
-                self.notify(value)
+                self.kick(value)
         elif offset == LegacyReg.STATUS:
             self._set_status(value & 0xFF)
         # Writes to read-only or absent registers are ignored (QEMU logs a guest error).
@@ -244,6 +250,24 @@ class LegacyVirtioPci:
             self.logic.config_write(offset, size, value)
 
     # -- the data path ----------------------------------------------------------------------
+
+    def kick(self, index: int) -> None:
+        """A QUEUE_NOTIFY write: serve the queue now or once the write is answered.
+
+        Kicks that arrive while one is pending coalesce, as eventfd kicks do in QEMU.
+        """
+        if self._defer is None:
+            self.notify(index)
+            return
+        if self._kick_pending[index]:
+            return
+        self._kick_pending[index] = True
+
+        def run() -> None:
+            self._kick_pending[index] = False
+            self.notify(index)
+
+        self._defer(run)
 
     def notify(self, index: int) -> None:
         """A kick on queue ``index``: serve every available chain, then maybe interrupt.

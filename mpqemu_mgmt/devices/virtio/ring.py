@@ -20,6 +20,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import NamedTuple
 
 from mpqemu_mgmt.devices.base import GuestMemory
 from mpqemu_mgmt.devices.virtio.constants import (
@@ -38,6 +39,8 @@ _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _BARRIER = threading.Lock()
+#: granularity of the cached guest-RAM windows buffers are sliced from
+_WINDOW = 1 << 21
 
 
 def _full_barrier() -> None:
@@ -69,13 +72,12 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
-@dataclass(frozen=True, slots=True)
-class Chain:
+class Chain(NamedTuple):
     """One popped descriptor chain: ``head`` index and its buffers, in ring order.
 
     ``readable`` are the driver-written buffers (QEMU's ``out_sg``), ``writable`` the
     device-written ones (``in_sg``); each is a zero-copy view of guest RAM valid only until the
-    session closes.
+    session closes. (A NamedTuple: one is built per request on the hot path.)
     """
 
     head: int
@@ -92,7 +94,14 @@ class Chain:
 
 
 class _Ring:
-    """Accessors for the three ring areas, either over one view or through GuestMemory."""
+    """Accessors for the three ring areas, either over one view or through GuestMemory.
+
+    The 16-bit ring indices and flags are shared with a driver running at the same time on
+    another CPU, so they are read and stored with single aligned 16-bit accesses (memoryview
+    casts to ``H``), like QEMU's ``lduw``/``stw`` — never byte by byte as ``struct`` does, which
+    would let the driver see half of a new ``used.idx``. Legacy virtio is guest-endian: these
+    native accesses assume a little-endian host serving x86 guests.
+    """
 
     def __init__(self, mem: GuestMemory, q: SplitQueue) -> None:
         self._mem = mem
@@ -101,28 +110,35 @@ class _Ring:
         self._avail = q.avail_addr
         self._used = q.used_addr
         self._view: memoryview | None = None
-        _, _, total = legacy_ring_layout(q.desc_addr, q.num) if q.legacy else (0, 0, 0)
+        self._v16: memoryview | None = None
+        self._u32: memoryview | None = None
         if q.legacy:
+            _, _, total = legacy_ring_layout(q.desc_addr, q.num)
             try:
-                self._view = mem.view(q.desc_addr, total)
+                view = mem.view(q.desc_addr, total)
             except DmaError:
                 # Part of the ring is outside RAM or straddles two regions: fall back to
                 # checked copies, which raise DmaError on the offending access only.
-                self._view = None
+                return
+            used = q.used_addr - q.desc_addr
+            self._view = view
+            self._v16 = view.cast("H")
+            self._u32 = view[used : used + 4 + USED_ELEM_SIZE * q.num].cast("I")
 
     def close(self) -> None:
-        if self._view is not None:
-            self._view.release()
-            self._view = None
+        for v in (self._u32, self._v16, self._view):
+            if v is not None:
+                v.release()
+        self._view = self._v16 = self._u32 = None
 
     def _u16(self, gpa: int) -> int:
-        if self._view is not None:
-            return int(_U16.unpack_from(self._view, gpa - self._desc)[0])
+        if self._v16 is not None:
+            return int(self._v16[(gpa - self._desc) >> 1])
         return int(_U16.unpack(self._mem.read(gpa, 2))[0])
 
     def _put_u16(self, gpa: int, value: int) -> None:
-        if self._view is not None:
-            _U16.pack_into(self._view, gpa - self._desc, value & 0xFFFF)
+        if self._v16 is not None:
+            self._v16[(gpa - self._desc) >> 1] = value & 0xFFFF
         else:
             self._mem.write(gpa, _U16.pack(value & 0xFFFF))
 
@@ -142,19 +158,20 @@ class _Ring:
         self._put_u16(self._used + 4 + USED_ELEM_SIZE * self._num, value)
 
     def desc(self, index: int) -> tuple[int, int, int, int]:
+        # Descriptors are written before they are published and not touched while in flight,
+        # so a plain (byte-wise) unpack is safe here.
         gpa = self._desc + DESC_SIZE * index
         if self._view is not None:
-            a, ln, fl, nx = _DESC.unpack_from(self._view, gpa - self._desc)
-        else:
-            a, ln, fl, nx = _DESC.unpack(self._mem.read(gpa, DESC_SIZE))
-        return int(a), int(ln), int(fl), int(nx)
+            return _DESC.unpack_from(self._view, gpa - self._desc)
+        return _DESC.unpack(self._mem.read(gpa, DESC_SIZE))
 
     def put_used(self, slot: int, head: int, length: int) -> None:
-        gpa = self._used + 4 + USED_ELEM_SIZE * slot
-        if self._view is not None:
-            _USED_ELEM.pack_into(self._view, gpa - self._desc, head, length)
+        if self._u32 is not None:
+            i = 1 + 2 * slot
+            self._u32[i] = head
+            self._u32[i + 1] = length
         else:
-            self._mem.write(gpa, _USED_ELEM.pack(head, length))
+            self._mem.write(self._used + 4 + USED_ELEM_SIZE * slot, _USED_ELEM.pack(head, length))
 
     def set_used_idx(self, value: int) -> None:
         self._put_u16(self._used + 2, value)
@@ -226,6 +243,9 @@ class RingSession:
         self._mem = mem
         self._ring = _Ring(mem, queue)
         self._held: list[memoryview] = []
+        self._windows: dict[int, memoryview | None] = {}
+        #: avail.idx as last read (QEMU's shadow_avail_idx): re-read only when caught up
+        self._shadow_avail = queue.last_avail_idx
         self._pushed = 0
 
     def __enter__(self) -> RingSession:
@@ -240,11 +260,41 @@ class RingSession:
         self.close()
 
     def close(self) -> None:
-        """Release every view this session handed out, then the ring view."""
+        """Release every view this session handed out, then the windows and the ring view."""
         for v in self._held:
             v.release()
         self._held.clear()
+        for w in self._windows.values():
+            if w is not None:
+                w.release()
+        self._windows.clear()
         self._ring.close()
+
+    def _buffer(self, gpa: int, length: int) -> memoryview:
+        """A view of guest RAM ``[gpa, gpa + length)``; DmaError if it is not all RAM.
+
+        Buffers are sliced from a cached, GuestMemory-checked 2 MiB window when they fit in one
+        (a slice of a checked view cannot leave it), which saves the region lookup per buffer on
+        the hot path; anything else asks GuestMemory directly.
+        """
+        base = gpa & ~(_WINDOW - 1)
+        if gpa + length <= base + _WINDOW:
+            try:
+                win = self._windows[base]
+            except KeyError:
+                try:
+                    win = self._mem.view(base, _WINDOW)
+                except DmaError:
+                    win = None
+                self._windows[base] = win
+            if win is not None:
+                off = gpa - base
+                v = win[off : off + length]
+                self._held.append(v)
+                return v
+        v = self._mem.view(gpa, length)
+        self._held.append(v)
+        return v
 
     # -- avail side -------------------------------------------------------------------------
 
@@ -258,6 +308,7 @@ class RingSession:
         if heads > q.num:
             # mirrors virtqueue_num_heads: "Guest moved used index from %u to %u"
             raise q.fail(f"guest moved avail index from {q.last_avail_idx} to {avail}")
+        self._shadow_avail = avail
         return heads
 
     def empty(self) -> bool:
@@ -271,7 +322,8 @@ class RingSession:
         q = self.queue
         if q.broken or not q.ready:
             return None
-        if self._num_heads() == 0:
+        # mirrors virtio_queue_empty_rcu: only look at avail.idx again once caught up with it
+        if self._shadow_avail == q.last_avail_idx and self._num_heads() == 0:
             return None
         if q.inuse >= q.num:
             raise q.fail("virtqueue size exceeded")
@@ -282,8 +334,9 @@ class RingSession:
         q.last_avail_idx = (q.last_avail_idx + 1) & 0xFFFF
         if head >= q.num:
             raise q.fail(f"guest says index {head} is available")
-        if q.event_idx:
-            self._set_avail_event(q.last_avail_idx)
+        # QEMU also moves avail_event on every pop; we leave it behind while the batch runs,
+        # which (vring_need_event) spares the driver its kicks, and catch up in
+        # enable_notification, which re-checks the ring after publishing it.
         try:
             return self._walk(head)
         except DmaError as exc:
@@ -301,10 +354,9 @@ class RingSession:
             if length == 0 or length % DESC_SIZE:
                 raise q.fail("invalid size for indirect buffer table")
             try:
-                table = self._mem.view(addr, length)
+                table = self._buffer(addr, length)
             except DmaError as exc:
                 raise q.fail("cannot map indirect buffer") from exc
-            self._held.append(table)
             max_entries = length // DESC_SIZE
             i = 0
             addr, length, flags, nxt = _DESC.unpack_from(table, 0)
@@ -317,10 +369,9 @@ class RingSession:
             if len(readable) + len(writable) >= VIRTQUEUE_MAX_SIZE:
                 raise q.fail("too many descriptors in one chain")
             try:
-                view = self._mem.view(addr, length)
+                view = self._buffer(addr, length)
             except DmaError as exc:
                 raise q.fail(f"bogus descriptor: {length} bytes at {addr:#x}") from exc
-            self._held.append(view)
             if flags & DESC_F_WRITE:
                 writable.append(view)
             else:
