@@ -66,7 +66,6 @@ def run_for(drv: VirtioBlkDriver, wl: Workload, seconds: float, cursor: list[int
 
 @contextlib.contextmanager
 def both(workdir: Path, image_mib: int, seccomp: str) -> Iterator[dict[str, Attached]]:
-    size = image_mib << 20
     images = {}
     for name in ("stock", "ours"):
         path = workdir / f"{name}.img"
