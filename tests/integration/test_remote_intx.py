@@ -38,7 +38,10 @@ def resample(fd: OwnedFd) -> None:
 
 @pytest.fixture
 def edu(tmp_path: Path) -> Iterator[ProxySim]:
-    with BuiltinRemote.pair("edu", workdir=tmp_path) as (remote, sock), ProxySim(sock) as px:
+    with (
+        BuiltinRemote.pair("edu", workdir=tmp_path, seccomp="enforce") as (remote, sock),
+        ProxySim(sock) as px,
+    ):
         px.map_bars()
         yield px
         assert "Traceback" not in remote.log_text()

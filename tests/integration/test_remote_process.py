@@ -2,7 +2,8 @@
 
 Real processes and sockets: ``python -m mpqemu_mgmt.remote`` on a socketpair, ProxySim as the
 proxy, qemu.qmp's QMPClient on the monitor (the client the service heartbeats with), memfds as
-guest RAM.
+guest RAM. The edu remote runs with its seccomp filter enforced, so every path here (QMP accept,
+SYNC_SYSMEM mmap, DMA, eventfds) is also a check of the allowlist.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def run_qmp(path: str, *commands: tuple[str, dict[str, Any] | None]) -> list[Any
 def edu(tmp_path: Path) -> Iterator[tuple[BuiltinRemote, ProxySim, str]]:
     lst, path = qmp_listener(tmp_path)
     with (
-        BuiltinRemote.pair("edu", workdir=tmp_path, qmp_listener=lst) as (remote, sock),
+        BuiltinRemote.pair("edu", workdir=tmp_path, qmp_listener=lst, seccomp="enforce") as (remote, sock),
         ProxySim(sock) as px,
     ):
         px.map_bars()
