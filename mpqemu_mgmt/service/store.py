@@ -43,8 +43,15 @@ class StateStore:
         self.paths = paths
 
     def save(self, record: GuestRecord) -> GuestRecord:
-        """Write ``record`` with its generation bumped; return what was written."""
-        record = replace(record, generation=record.generation + 1)
+        """Write ``record`` with its generation bumped; return what was written.
+
+        The generation grows past whatever is on disk, so it stays monotonic even when two
+        writers started from different copies (the supervisor and a request handler).
+        """
+        current = 0
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            current = int(json.loads(self.paths.record(record.name).read_text())["generation"])
+        record = replace(record, generation=max(record.generation, current) + 1)
         data = json.dumps(record.to_dict(), indent=1, sort_keys=True).encode() + b"\n"
         self.paths.guest_dir(record.name).mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(self.paths.record(record.name), data)

@@ -10,6 +10,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from mpqemu_mgmt.service.procfs import proc_start_time
 from tests.integration.service_fixture import Service, service, write_spec
 
@@ -95,12 +97,13 @@ def test_sigkill_main_qemu_marks_crashed_and_reaps_remotes(service: Service) -> 
     assert service.cli("status", "c1")[1]["state"] == "running"
 
 
-def test_service_sigkill_and_restart_readopts_without_disturbing(service: Service) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_service_killed_and_restarted_readopts_without_disturbing(service: Service, sig: int) -> None:
     st = started(service, "r1", dev("stop"))
     st2 = started(service, "r2", dev("replug"))
     before = {"r1": (st["pid"], st["devices"][0]["pid"]),  # type: ignore[index]
               "r2": (st2["pid"], st2["devices"][0]["pid"])}  # type: ignore[index]
-    service.kill(signal.SIGKILL)
+    service.kill(sig)
     time.sleep(0.3)
     # the guests do not notice: every process is still the same process
     for main, remote in before.values():
