@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +33,14 @@ class ConfinedLauncher:
 
     async def launch(self, device_id: str, argv: Sequence[str], *, qmp_path: str, log_path: str,
                      backing: str | None, readonly: bool, timeout: float,
-                     device: DeviceSpec | None = None, qemu_binary: str = "qemu-system-x86_64") -> Spawned:
+                     device: DeviceSpec | None = None, qemu_binary: str = "qemu-system-x86_64",
+                     connected: socket.socket | None = None) -> Spawned:
+        if connected is not None:
+            connected.close()
+            # confine.launcher always makes its own socketpair (LaunchRequest has no socket field).
+            raise OrchestrationError(
+                f"remote {device_id}: the confined launcher cannot serve a connection QEMU made "
+                "(vfio-user hand-over); use ProcessLauncher for vfio-user devices", device=device_id)
         if device is None:
             raise OrchestrationError(f"confined launch of {device_id} needs its device spec",
                                      device=device_id)

@@ -177,14 +177,25 @@ def plug_steps(spec: GuestSpec, dev: DeviceSpec, place: topology.Placement, path
                undo_device_add: bool) -> tuple[Step, ...]:
     """socketpair + remote, getfd with the proxy end, device_add (hot-plug and start)."""
     name = fd_name(dev.id)
+    undo: tuple[Step, ...] = unplug_steps(dev.id)[:1] if undo_device_add else ()
     if dev.transport == "vfio-user":
-        # QEMU >= 10.1 vfio-user-pci: socket is a SocketAddress; type "fd" takes a getfd name.
-        add_args: dict[str, JSON] = {"driver": "vfio-user-pci", "id": dev.id,
-                                     "socket": {"type": "fd", "str": name}}
-    else:
-        # x-pci-proxy-dev resolves fd with monitor_fd_param, so a getfd name works (hw/remote/proxy.c).
-        add_args = {"driver": "x-pci-proxy-dev", "id": dev.id, "fd": name}
-    add_args.update({"bus": place.bus, "addr": place.addr})
+        # QEMU >= 10.1 vfio-user-pci connects to a UNIX path and refuses the fd form ("Unsupported
+        # socket type fd", hw/vfio-user/pci.c): listen on a path in the state dir, and start the
+        # remote on the connection QEMU makes while device_add's realize waits for VERSION.
+        sock = paths.vfio_user_socket(dev.id)
+        listen = Step(
+            Op.LAUNCH_REMOTE, device=dev.id, argv=remote_argv(spec, dev, paths), arguments={"listen": sock},
+            timeout=REMOTE_START_TIMEOUT, undo=(_stop_remote(dev.id, force=True),),
+            why="vfio-user: the remote starts on the connection QEMU makes to this path",
+        )
+        add = _qmp("device_add", {"driver": "vfio-user-pci", "id": dev.id,
+                                  "socket": {"type": "unix", "path": sock},
+                                  "bus": place.bus, "addr": place.addr},
+                   device=dev.id, undo=undo)
+        return (listen, add)
+    # x-pci-proxy-dev resolves fd with monitor_fd_param, so a getfd name works (hw/remote/proxy.c).
+    add_args: dict[str, JSON] = {"driver": "x-pci-proxy-dev", "id": dev.id, "fd": name,
+                                 "bus": place.bus, "addr": place.addr}
     launch = Step(
         Op.LAUNCH_REMOTE, device=dev.id, argv=remote_argv(spec, dev, paths),
         timeout=REMOTE_START_TIMEOUT,
@@ -196,7 +207,6 @@ def plug_steps(spec: GuestSpec, dev: DeviceSpec, place: topology.Placement, path
         undo=(_qmp("closefd", {"fdname": name}, device=dev.id, done_if_error=(ERR_NOT_FOUND,)),),
         why="hand QEMU the proxy end over SCM_RIGHTS",
     )
-    undo: tuple[Step, ...] = unplug_steps(dev.id)[:1] if undo_device_add else ()
     add = _qmp("device_add", add_args, device=dev.id, undo=undo)
     return (launch, getfd, add)
 
@@ -271,9 +281,9 @@ def plan_for(
         # All remotes first (the runner starts consecutive launch-remote steps concurrently), then
         # getfd + device_add one by one. No device_add undo here: stopping the paused VM removes
         # every device at once, and an ACPI unplug with no guest OS would only time out.
-        steps += [launch for launch, _getfd, _add in plugs]
-        for _launch, getfd, add in plugs:
-            steps += [getfd, add]
+        steps += [plug[0] for plug in plugs]
+        for plug in plugs:
+            steps += plug[1:]
         steps.append(_qmp("cont", why="run the guest once every device is realized"))
     elif action == "attach":
         if device is None:

@@ -34,17 +34,19 @@ from mpqemu_mgmt.orchestrate.runtime import RemoteRuntime
 class Spawned:
     runtime: RemoteRuntime
     #: Our end of the socketpair, for ``getfd``; the runner closes it once QEMU holds a copy.
-    proxy_end: socket.socket
+    #: None when the remote was started on a connection QEMU made (vfio-user).
+    proxy_end: socket.socket | None
 
 
 class RemoteLauncher(Protocol):
     """``argv`` is the plan's command line; a launcher that builds its own (confined.py) uses
-    ``device`` and ``qemu_binary`` instead."""
+    ``device`` and ``qemu_binary`` instead. With ``connected`` (vfio-user: the connection QEMU
+    made), the remote serves that socket and there is no proxy end; the launcher owns it."""
 
     async def launch(self, device_id: str, argv: Sequence[str], *, qmp_path: str, log_path: str,
                      backing: str | None, readonly: bool, timeout: float,
-                     device: DeviceSpec | None = None,
-                     qemu_binary: str = "qemu-system-x86_64") -> Spawned: ...
+                     device: DeviceSpec | None = None, qemu_binary: str = "qemu-system-x86_64",
+                     connected: socket.socket | None = None) -> Spawned: ...
 
     async def stop(self, remote: RemoteRuntime, *, timeout: float, force: bool) -> None: ...
 
@@ -212,8 +214,13 @@ class ProcessLauncher:
 
     async def launch(self, device_id: str, argv: Sequence[str], *, qmp_path: str, log_path: str,
                      backing: str | None, readonly: bool, timeout: float,
-                     device: DeviceSpec | None = None, qemu_binary: str = "qemu-system-x86_64") -> Spawned:
-        proxy_end, remote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                     device: DeviceSpec | None = None, qemu_binary: str = "qemu-system-x86_64",
+                     connected: socket.socket | None = None) -> Spawned:
+        proxy_end: socket.socket | None
+        if connected is not None:
+            proxy_end, remote_end = None, connected
+        else:
+            proxy_end, remote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         keep = [remote_end.fileno()]
         backing_fd: int | None = None
         log = None
@@ -234,7 +241,8 @@ class ProcessLauncher:
                 full, pass_fds=keep, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, **kw)
         except BaseException:
-            proxy_end.close()
+            if proxy_end is not None:
+                proxy_end.close()
             raise
         finally:
             remote_end.close()
@@ -253,7 +261,8 @@ class ProcessLauncher:
             await wait_for_socket(qmp_path, proc.pid, log_path, timeout, f"remote {device_id}")
             await wait_serving(qmp_path, proc.pid, log_path, timeout, f"remote {device_id}")
         except BaseException:
-            proxy_end.close()
+            if proxy_end is not None:
+                proxy_end.close()
             await terminate(proc.pid, remote.pidfd, grace=0.5)
             close_pidfd(remote)
             raise

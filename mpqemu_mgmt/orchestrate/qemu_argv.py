@@ -44,6 +44,10 @@ class GuestPaths:
     def remote_log(self, device_id: str) -> str:
         return f"{self.state_dir}/remote-{device_id}.log"
 
+    def vfio_user_socket(self, device_id: str) -> str:
+        """Where QEMU's vfio-user-pci connects; unlinked as soon as it has (one client only)."""
+        return f"{self.state_dir}/vfu-{device_id}.sock"
+
 
 def main_argv(spec: GuestSpec, paths: GuestPaths) -> tuple[str, ...]:
     """The direct driver's main QEMU, paused, with no proxy devices yet (they are hot-added)."""

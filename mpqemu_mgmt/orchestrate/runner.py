@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -64,6 +65,8 @@ class Runner:
         self.channel = channel
         self._devices = devices
         self._held: dict[str, socket.socket] = {}
+        #: vfio-user listeners waiting for QEMU's connection: device id → (socket, path, launch step)
+        self._listeners: dict[str, tuple[socket.socket, str, Step]] = {}
         self._before = before_step
         self._paths = GuestPaths(runtime.state_dir)
 
@@ -125,6 +128,11 @@ class Runner:
         for sock in self._held.values():
             sock.close()
         self._held.clear()
+        for listener, path, _step in self._listeners.values():
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._listeners.clear()
 
     async def _step(self, step: Step) -> None:
         if step.op is Op.LAUNCH_VM:
@@ -134,6 +142,11 @@ class Runner:
         elif step.op is Op.LAUNCH_REMOTE:
             await self._launch_remote(step)
         elif step.op is Op.STOP_REMOTE:
+            pending = self._listeners.pop(step.device or "", None)
+            if pending is not None:
+                pending[0].close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pending[1])
             remote = self.runtime.remotes.pop(step.device or "", None)
             held = self._held.pop(f"proxy:{step.device}", None)
             if held is not None:
@@ -147,13 +160,65 @@ class Runner:
 
     async def _launch_remote(self, step: Step) -> None:
         dev_id = step.device or ""
+        listen = step.arguments.get("listen")
+        if isinstance(listen, str):
+            # vfio-user: only listen now; the remote starts on QEMU's connection (_plug_vfio_user).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(listen)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                listener.bind(listen)
+                # The directory (0700, the QEMU user's) is the access check; QEMU may run as another uid.
+                os.chmod(listen, 0o666)
+                listener.listen(1)
+                listener.setblocking(False)
+            except BaseException:
+                listener.close()
+                raise
+            self._listeners[dev_id] = (listener, listen, step)
+            return
+        await self._spawn(step, dev_id, None)
+
+    async def _spawn(self, step: Step, dev_id: str, connected: socket.socket | None) -> None:
         dev = self._devices[dev_id]
         spawned = await self.launcher.launch(
             dev_id, step.argv, qmp_path=self._paths.remote_qmp(dev_id),
             log_path=self._paths.remote_log(dev_id), backing=dev.backing, readonly=dev.readonly,
-            timeout=step.timeout, device=dev, qemu_binary=self.runtime.spec.qemu_binary)
+            timeout=step.timeout, device=dev, qemu_binary=self.runtime.spec.qemu_binary,
+            connected=connected)
         self.runtime.remotes[dev_id] = spawned.runtime
-        self._held[f"proxy:{dev_id}"] = spawned.proxy_end
+        if spawned.proxy_end is not None:
+            self._held[f"proxy:{dev_id}"] = spawned.proxy_end
+
+    async def _plug_vfio_user(self, step: Step, channel: MonitorChannel) -> None:
+        """device_add while accepting QEMU's connection and starting the remote on it."""
+        dev_id = step.device or ""
+        listener, path, launch_step = self._listeners.pop(dev_id)
+        loop = asyncio.get_running_loop()
+
+        async def accept_and_spawn() -> None:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            finally:
+                listener.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # one client only: nobody else may connect
+            conn.setblocking(True)
+            await self._spawn(launch_step, dev_id, conn)
+
+        task = asyncio.create_task(accept_and_spawn())
+        try:
+            await channel.execute(step.command or "", step.arguments, timeout=step.timeout)
+            await asyncio.wait_for(asyncio.shield(task), launch_step.timeout)
+        except BaseException:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        self._after_qmp(step)
 
     def _need_channel(self) -> MonitorChannel:
         if self.channel is None:
@@ -163,6 +228,9 @@ class Runner:
     async def _qmp(self, step: Step) -> None:
         channel = self._need_channel()
         command = step.command or ""
+        if command == "device_add" and step.device in self._listeners:
+            await self._plug_vfio_user(step, channel)
+            return
         if step.send_fd is not None:
             sock = self._held.get(step.send_fd)
             if sock is None:

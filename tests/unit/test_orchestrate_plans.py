@@ -97,11 +97,13 @@ def test_slots_run_out() -> None:
 
 def test_vfio_user_transport_plan() -> None:
     spec = parse_spec('name = "v"\n[[device]]\nid = "a"\nmodel = "edu"\ntransport = "vfio-user"\n')
-    plan = plan_for(spec, "start")
-    add = plan.steps[3]
-    assert add.command == "device_add" and add.arguments["driver"] == "vfio-user-pci"
-    assert add.arguments["socket"] == {"type": "fd", "str": "mpq-a"}
-    assert "--transport" in plan.steps[1].argv
+    plan = plan_for(spec, "start", state_dir="/s")
+    # QEMU's vfio-user-pci refuses the fd form: listen on a path, no getfd.
+    assert plan.qmp_commands() == ["device_add", "cont"]
+    listen, add = plan.steps[1], plan.steps[2]
+    assert listen.arguments == {"listen": "/s/vfu-a.sock"} and "--transport" in listen.argv
+    assert add.arguments["driver"] == "vfio-user-pci"
+    assert add.arguments["socket"] == {"type": "unix", "path": "/s/vfu-a.sock"}
 
 
 def test_libvirt_start_is_paused_create() -> None:
