@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -23,12 +26,37 @@ exit 7
 """
 
 
-def test_status_modules_env_and_files(guest_kernel: Kernel, qemu72: str, tmp_path: Path) -> None:
+def _query_status(path: Path, seen: list[str]) -> None:
+    """Ask QEMU's QMP socket for its run state while the guest boots (qapi/run-state.json)."""
+    deadline = time.monotonic() + 20
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        stream = sock.makefile("rw")
+        assert "QMP" in json.loads(stream.readline())
+        for command in ("qmp_capabilities", "query-status"):
+            stream.write(json.dumps({"execute": command}) + "\n")
+            stream.flush()
+            reply = json.loads(stream.readline())
+            while "return" not in reply:  # skip events
+                reply = json.loads(stream.readline())
+        seen.append(reply["return"]["status"])
+
+
+def test_status_modules_env_files_and_qmp(guest_kernel: Kernel, qemu72: str, tmp_path: Path) -> None:
     wanted = ["virtio_pci", "virtio_blk", "uio_pci_generic"]
     script = GuestScript(LSMOD_SCRIPT, env={"GREETING": "hello there"}, files={"extra.txt": b"shipped"})
     log = tmp_path / "serial.log"
+    qmp = tmp_path / "qmp.sock"
+    seen: list[str] = []
+    asker = threading.Thread(target=_query_status, args=(qmp, seen), daemon=True)
+    asker.start()
     result = boot_script(guest_kernel, script, modules=wanted, append=["iomem=relaxed"], timeout=60,
-                         serial_log=log)
+                         serial_log=log, qmp_socket=qmp)
+    asker.join(10)
+    assert seen == ["running"]
     assert result.status == 7
     loaded = set(re.findall(r"^module: (\S+)", result.transcript, re.M))
     # the wanted modules and their dependencies from .modinfo (no modules.dep in the package)
