@@ -38,3 +38,22 @@ def test_libvirtd_rejects_invalid(libvirt_host) -> None:  # noqa: F811
     dom_text = text.replace("<name>", "<name>mpqt-invalid-", 1)
     with pytest.raises(LibvirtError):
         libvirt_host.define_validated(dom_text)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_virsh_define_validate(case: str, libvirt_host, tmp_path) -> None:  # noqa: F811
+    """The literal operator command: ``virsh define --validate FILE``."""
+    import subprocess
+
+    dom = Domain.parse((XML / f"{case}-out.xml").read_text())
+    dom.name = f"mpqt-virsh-{case}-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "domain.xml"
+    path.write_text(dom.to_xml())
+    define = subprocess.run(["virsh", "-c", "qemu:///system", "define", "--validate", str(path)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    try:
+        assert define.returncode == 0, define.stderr
+        assert f"Domain '{dom.name}' defined" in define.stdout
+    finally:
+        subprocess.run(["virsh", "-c", "qemu:///system", "undefine", dom.name], capture_output=True,
+                       timeout=60, check=False)
