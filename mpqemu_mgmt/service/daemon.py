@@ -549,8 +549,14 @@ class Daemon:
             rt = self.runtimes.get(guest)
             if rt is None:
                 return
-            with contextlib.suppress(MpqemuError):
+            entry = self.audit.begin("pause", {"name": guest, "id": dev_id, "reason": reason},
+                                     uid=os.geteuid(), pid=os.getpid())
+            entry.calls.append(f"{rt.driver} qmp stop")
+            try:
                 await self.driver(rt.spec).pause(rt)
+            except MpqemuError as exc:
+                entry.result, entry.error = "error", exc.message
+            self.audit.write(entry)
             rec = self.store.load(guest)
             self._save(replace(self._record_from_runtime(rec, rt, "paused"), reason=f"{dev_id}: {reason}"))
             self.events.emit("paused", guest, dev_id, reason)
@@ -561,8 +567,14 @@ class Daemon:
             rt = self.runtimes.get(guest)
             if rt is None:
                 return
-            with contextlib.suppress(MpqemuError):
+            entry = self.audit.begin("stop", {"name": guest, "force": True, "on_failure_of": dev_id,
+                                              "reason": reason}, uid=os.geteuid(), pid=os.getpid())
+            try:
                 await self._stop_runtime(guest, rt, force=True)
+            except MpqemuError as exc:
+                entry.result, entry.error = "error", exc.message
+            self._note_calls(entry, guest)
+            self.audit.write(entry)
             self.events.emit("stopped", guest, dev_id, f"on_failure=stop: {reason}")
 
     async def _crashed(self, guest: str, reason: str) -> None:

@@ -80,13 +80,35 @@ def test_restart_readopt_then_hang_replug_hotplug_and_main_crash(service: Servic
     assert lsi["pid"] != pids["lsi0"] and lsi["restarts"] == 1
     wait_bus(console, {EDU, LSI})
 
-    # 3. hot-plug after re-adoption
-    service.cli("attach", "fg", "id=t1", "model=pci-testdev", "backend=builtin")
-    wait_bus(console, {EDU, LSI, TESTDEV}, timeout=30)
-
-    # 4. the main QEMU dies: crashed, every remote reaped, nothing orphaned
+    # 3. crash-loop limit: restart the service with --max-restarts 1; lsi0 already used its replug
+    #    in this stable period? no: re-adoption starts a fresh count, so one more replug, then give up
+    service.kill(signal.SIGTERM)
+    service.args = ("--max-restarts", "1")
+    t_restart = time.time()
+    service.start()
+    service.wait_event("fg", "healthy", "lsi0", timeout=15, after=t_restart)
     _, st, _ = service.cli("status", "fg")
-    remotes = [d["pid"] for d in st["devices"]]
+    lsi_pid = next(d for d in st["devices"] if d["id"] == "lsi0")["pid"]
+    os.kill(lsi_pid, signal.SIGKILL)
+    service.wait_event("fg", "replugged", "lsi0", timeout=60, after=t_restart)
+    service.wait_event("fg", "healthy", "lsi0", timeout=15, after=time.time() - 0.5)
+    _, st, _ = service.cli("status", "fg")
+    lsi_pid = next(d for d in st["devices"] if d["id"] == "lsi0")["pid"]
+    os.kill(lsi_pid, signal.SIGKILL)
+    service.wait_event("fg", "gave_up", "lsi0", timeout=10, after=t_restart)
+    _, st, _ = service.cli("status", "fg")
+    assert st["state"] == "running"  # the guest keeps running without the device
+    assert next(d for d in st["devices"] if d["id"] == "lsi0")["health"] == "failed"
+
+    # 4. hot-plug after re-adoption
+    service.cli("attach", "fg", "id=t1", "model=pci-testdev", "backend=builtin")
+    # (lsi0 is not asserted: it was killed again right after its replug, maybe before the guest
+    # scanned the new slot, and a proxy whose remote is dead reads as an empty slot)
+    wait_bus(console, {EDU, TESTDEV}, timeout=30)
+
+    # 5. the main QEMU dies: crashed, every remote reaped, nothing orphaned
+    _, st, _ = service.cli("status", "fg")
+    remotes = [d["pid"] for d in st["devices"] if d["pid"] and d["health"] != "failed"]
     os.kill(main, signal.SIGKILL)
     service.wait_event("fg", "crashed", timeout=10)
     deadline = time.monotonic() + 5
@@ -96,5 +118,5 @@ def test_restart_readopt_then_hang_replug_hotplug_and_main_crash(service: Servic
     assert service.cli("status", "fg")[1]["state"] == "crashed"
     assert service.leftovers() == []
     kinds = [e["kind"] for e in service.events("fg")]
-    for k in ("running", "adopted", "hung", "dead", "replugged", "attached", "crashed"):
+    for k in ("running", "adopted", "hung", "dead", "replugged", "gave_up", "attached", "crashed"):
         assert k in kinds
