@@ -116,6 +116,10 @@ class GuestRam:
     def rewind(self) -> None:
         self._next = self._mark
 
+    def reset(self) -> None:
+        """Forget every allocation, rings included (a driver re-initialising the device)."""
+        self._next = self._mark = 4096
+
     def read(self, gpa: int, length: int) -> bytes:
         off = gpa - self.base
         return bytes(self.mv[off : off + length])
@@ -312,7 +316,7 @@ class VirtioBlkDriver:
         if self.num == 0:
             raise DeviceError("queue 0 has size 0")
         _, _, total = legacy_ring_layout(0, self.num)
-        self.ram.rewind()
+        self.ram.reset()
         self.desc = self.ram.alloc(total, align=4096)
         self.ram.write(self.desc, bytes(total))
         self.avail, self.used, _ = legacy_ring_layout(self.desc, self.num)

@@ -105,5 +105,6 @@ def test_random_hostile_chains_never_crash_the_remote(ours: tuple[BuiltinBlkRemo
     assert drv.read(8, 4096).data == b"\x42" * 4096
     assert remote.alive(), remote.log_text()[-3000:]
     assert "Traceback" not in remote.log_text()
+    print(f"hostile cases: {CASES}, NEEDS_RESET: {broke}, completed: {completed}")
     assert broke > 0 and completed > 0, (broke, completed)
     assert len(image.read_bytes()) == IMAGE  # never resized
