@@ -37,6 +37,10 @@ backend = "qemu"
 """, "lv.toml")
 
 
+class Injected(OrchestrationError):
+    pass
+
+
 async def _ids(driver: LibvirtDriver, runtime: GuestRuntime) -> set[str]:
     chan = await driver.channel(runtime)
     items = await chan.execute("qom-list", {"path": "/machine/peripheral"}, timeout=10)
@@ -55,6 +59,20 @@ def test_libvirt_start_attach_reset_stop(machine: str, state_root: Path, libvirt
             assert guest is not None and guest.is_active() and not guest.is_paused()
             assert runtime.pid and pid_alive(runtime.pid)
             assert await _ids(driver, runtime) >= {"tdev", "lsi0"}
+            # A failure before each hot-plug step leaves the guest as it was (closefd through libvirt).
+            bad = DeviceSpec(id="net9", model="e1000", backend="qemu")
+            before = await _ids(driver, runtime)
+            for at in range(len(plan_for(runtime.spec, "attach", device=bad).steps)):
+                def hook(index: int, step: Step, at: int = at) -> None:
+                    if index == at:
+                        raise Injected(f"before attach step {index}")
+                driver.before_step = hook
+                with pytest.raises(Injected):
+                    await driver.attach(runtime, bad)
+                driver.before_step = None
+                assert await _ids(driver, runtime) == before
+                assert "net9" not in runtime.remotes
+                assert not [p for p, cmd in processes_under(state_root) if "net9" in cmd]
             await driver.attach(runtime, DeviceSpec(id="net0", model="e1000", backend="qemu"))
             assert "net0" in await _ids(driver, runtime)
             await driver.reset(runtime)
@@ -79,10 +97,6 @@ def test_libvirt_start_attach_reset_stop(machine: str, state_root: Path, libvirt
         assert processes_under(state_root) == []
 
     asyncio.run(asyncio.wait_for(main(), 120))
-
-
-class Injected(OrchestrationError):
-    pass
 
 
 def test_libvirt_failure_at_every_start_step(state_root: Path, libvirt_host) -> None:  # noqa: F811
