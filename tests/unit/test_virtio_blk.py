@@ -6,6 +6,7 @@ runs over mpqemu in tests/integration/test_virtio_blk_*.py.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 
@@ -41,6 +42,12 @@ from mpqemu_mgmt.testing.virtio_driver import (
     Request,
     VirtioBlkDriver,
 )
+
+
+def _examples(default: int) -> int:
+    """Suite slice by default; ``VIRTIO_FUZZ_EXAMPLES=N`` runs the long campaign."""
+    return int(os.environ.get("VIRTIO_FUZZ_EXAMPLES", default))
+
 
 DISK = 1 << 20
 SECTORS = DISK // 512
@@ -335,7 +342,7 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops, st.booleans())
 def test_random_request_batches_match_a_model(
     batch: list[tuple[str, int, int, int, int]], indirect: bool
@@ -366,7 +373,7 @@ def test_random_request_batches_match_a_model(
     assert r.backend.data == pending
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     chain=st.lists(
         st.tuples(

@@ -6,6 +6,7 @@ outside it, so "never memory outside guest RAM" is checked by construction.
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -21,6 +22,12 @@ from mpqemu_mgmt.devices.virtio.constants import (
 from mpqemu_mgmt.devices.virtio.ring import SplitQueue, legacy_ring_layout, vring_need_event
 from mpqemu_mgmt.errors import VirtqueueError
 from mpqemu_mgmt.testing.virtio_driver import FlatGuestMemory
+
+
+def _examples(default: int) -> int:
+    """Suite slice by default; ``VIRTIO_FUZZ_EXAMPLES=N`` runs the long campaign."""
+    return int(os.environ.get("VIRTIO_FUZZ_EXAMPLES", default))
+
 
 RAM = 1 << 20
 RING = 0x1000
@@ -227,7 +234,7 @@ def test_event_idx_suppresses_until_used_event() -> None:
     assert g.avail_event() == g.idx
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.tuples(
@@ -288,7 +295,7 @@ def test_well_formed_chains_round_trip(chains: list[tuple[list[int], list[int], 
     assert [g.used_elem(i) for i in range(len(expected))] == [(h, sum(w)) for h, _, w in expected]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=_examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     descs=st.lists(
         st.tuples(
