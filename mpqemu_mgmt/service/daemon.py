@@ -318,8 +318,17 @@ class Daemon:
         name = _name(args)
         async with self.lock(name):
             rec = self.store.load(name)
-            if rec.state in ACTIVE and name in self.runtimes:
+            rt0 = self.runtimes.get(name)
+            if rec.state == "running" and rt0 is not None:
                 return {"name": name, "changed": False, "state": rec.state}
+            if rec.state == "paused" and rt0 is not None:
+                # ensure running: a guest paused (by an operator or by on_failure=pause) resumes
+                await progress(f"resuming {name}")
+                await self.driver(rt0.spec).resume(rt0)
+                audit.calls.append(f"{rt0.driver} qmp cont")
+                self._save(replace(self._record_from_runtime(rec, rt0, "running"), reason=""))
+                self.events.emit("resumed", name)
+                return {"name": name, "changed": True, "state": "running", "pid": rt0.pid}
             spec = self._spec(rec)
             drv = self.driver(spec)
             await progress(f"starting {name} ({spec.driver}) with {len(spec.devices)} device(s)")
@@ -450,7 +459,11 @@ class Daemon:
                 await drv.reset(rt, str(dev_id))
             finally:
                 if str(dev_id) in rt.remotes:
-                    self._watch_device(rt, rt.spec.device(str(dev_id)), w.health if w else None)
+                    # a fresh remote: health starts over (a FAILED device is given another chance),
+                    # the restart count is kept
+                    fresh = replace(w.health, state=State.STARTING, misses=0, consecutive=0,
+                                    healthy_since=None) if w else None
+                    self._watch_device(rt, rt.spec.device(str(dev_id)), fresh)
                 self._save(self._record_from_runtime(rec, rt, rec.state))
             self.events.emit("reset", name, str(dev_id), f"pid {rt.remotes[str(dev_id)].pid}")
             return {"name": name, "device": dev_id, "changed": True}

@@ -50,6 +50,11 @@ def test_sigstop_remote_detected_within_2s_killed_then_pause(service: Service) -
     _, st, _ = service.cli("status", "p1")
     assert st["state"] == "paused" and st["devices"][0]["health"] == "failed"
     assert alive(st["pid"])  # the guest itself is kept, paused, for the operator
+    # `start` ensures running: it resumes the paused guest (and is then idempotent again)
+    _, res, _ = service.cli("start", "p1")
+    assert res["changed"] is True and res["state"] == "running"
+    service.wait_event("p1", "resumed", timeout=5)
+    assert service.cli("start", "p1")[1]["changed"] is False
 
 
 def test_sigkill_remote_with_on_failure_stop_stops_guest_and_reaps(service: Service) -> None:

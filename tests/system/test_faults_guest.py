@@ -99,12 +99,15 @@ def test_restart_readopt_then_hang_replug_hotplug_and_main_crash(service: Servic
     _, st, _ = service.cli("status", "fg")
     assert st["state"] == "running"  # the guest keeps running without the device
     assert next(d for d in st["devices"] if d["id"] == "lsi0")["health"] == "failed"
+    # the operator's hard reset gives a failed device a fresh remote and a fresh health record
+    t_reset = time.time()
+    service.cli("reset", "fg", "lsi0")
+    service.wait_event("fg", "healthy", "lsi0", timeout=15, after=t_reset)
+    wait_bus(console, {EDU, LSI}, timeout=30)
 
     # 4. hot-plug after re-adoption
     service.cli("attach", "fg", "id=t1", "model=pci-testdev", "backend=builtin")
-    # (lsi0 is not asserted: it was killed again right after its replug, maybe before the guest
-    # scanned the new slot, and a proxy whose remote is dead reads as an empty slot)
-    wait_bus(console, {EDU, TESTDEV}, timeout=30)
+    wait_bus(console, {EDU, LSI, TESTDEV}, timeout=30)
 
     # 5. the main QEMU dies: crashed, every remote reaped, nothing orphaned
     _, st, _ = service.cli("status", "fg")
