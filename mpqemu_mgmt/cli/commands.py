@@ -74,12 +74,31 @@ def cmd_stop(ctx: Context, a: Any) -> Output:
     return Output(_call(ctx, "stop", {"name": a.name, "force": a.force}))
 
 
+def _recorded(ctx: Context, exc: ServiceError) -> Any:
+    """When the service is down, read-only commands show the state as last recorded, flagged."""
+    from mpqemu_mgmt.service.store import StateStore
+
+    if not service_required(exc) or not ctx.paths.guests.is_dir():
+        raise exc
+    print(f"mpqemu-mgmt: the service is not running; showing the state last recorded in {ctx.paths.state}",
+          file=ctx.stderr)
+    return StateStore(ctx.paths)
+
+
 def cmd_list(ctx: Context, a: Any) -> Output:
-    return Output(_call(ctx, "list"), kind="list")
+    try:
+        return Output(_call(ctx, "list"), kind="list")
+    except ServiceError as exc:
+        store = _recorded(ctx, exc)
+        return Output([{**r.summary(), "stale": True} for r in store.load_all()], kind="list")
 
 
 def cmd_status(ctx: Context, a: Any) -> Output:
-    return Output(_call(ctx, "status", {"name": a.name}), kind="status")
+    try:
+        return Output(_call(ctx, "status", {"name": a.name}), kind="status")
+    except ServiceError as exc:
+        store = _recorded(ctx, exc)
+        return Output({**store.load(a.name).status(), "stale": True}, kind="status")
 
 
 def cmd_attach(ctx: Context, a: Any) -> Output:

@@ -114,6 +114,8 @@ class Daemon:
     # -- life of the service ----------------------------------------------------------------
 
     async def open(self, *, serve: bool = True) -> None:
+        if serve:
+            self._refuse_second_service()
         for d in (self.paths.state, self.paths.run, self.paths.guests, self.paths.starting):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         # QEMU and the remotes run unprivileged and must reach their guest's directory (owned by
@@ -127,6 +129,24 @@ class Daemon:
             await self.server.start()
             self.paths.pidfile.write_text(f"{os.getpid()}\n")
         self.events.emit("service_started", "-", detail=f"pid {os.getpid()}", version=__version__)
+
+    def _refuse_second_service(self) -> None:
+        """Two services on one state directory would fight over every guest: refuse the second."""
+        import socket as _socket
+
+        path = self.paths.control
+        if not path.exists():
+            return
+        probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return  # a stale socket from a service that died: ours to replace
+        finally:
+            probe.close()
+        pid = self.paths.pidfile.read_text().strip() if self.paths.pidfile.exists() else "?"
+        raise RefusedError(f"a service already runs on {self.paths.state} (pid {pid})", pid=pid)
 
     async def close(self) -> None:
         """Leave: guests, their QEMUs and remotes keep running; a restart re-adopts them."""

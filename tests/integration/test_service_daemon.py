@@ -137,3 +137,13 @@ def test_metrics_file() -> None:
         for pid in svc.leftovers():
             os.kill(pid, 9)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_second_service_on_the_same_state_dir_is_refused(service: Service) -> None:
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "mpqemu_mgmt.cli.app", "--state-dir", str(service.state), "serve"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert p.returncode == EXIT_REFUSED and "already runs" in p.stderr
+    assert service.cli("list")[0] == 0  # the first one still owns its socket

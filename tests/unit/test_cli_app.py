@@ -63,11 +63,28 @@ def test_bad_attach_pairs_are_usage_errors(tmp_path: Path) -> None:
 
 
 def test_service_down_is_a_clear_error_and_json_error_object(tmp_path: Path) -> None:
-    code, out, err = run("--state-dir", str(tmp_path), "status", "g")
+    code, out, err = run("--state-dir", str(tmp_path), "start", "g")
     assert code == EXIT_FAILED and "not running" in err and "mpqemu-mgmt serve" in err
-    code, out, _ = run("status", "g", "--format", "json", "--state-dir", str(tmp_path))
+    code, out, _ = run("start", "g", "--format", "json", "--state-dir", str(tmp_path))
     obj = json.loads(out)
     assert code == EXIT_FAILED and obj["error"] == "ServiceError" and obj["exit_code"] == EXIT_FAILED
+
+
+def test_status_and_list_fall_back_to_recorded_state_flagged_stale(tmp_path: Path) -> None:
+    from mpqemu_mgmt.service.paths import StatePaths
+    from mpqemu_mgmt.service.records import DeviceRecord, GuestRecord
+    from mpqemu_mgmt.service.store import StateStore
+
+    assert run("--state-dir", str(tmp_path), "status", "g")[0] == EXIT_FAILED  # nothing recorded
+    StateStore(StatePaths(tmp_path, tmp_path)).save(
+        GuestRecord("g", {}, state="running", devices=(DeviceRecord("edu0", "edu"),)))
+    code, out, err = run("--state-dir", str(tmp_path), "--format", "json", "status", "g")
+    st = json.loads(out)
+    assert code == EXIT_OK and st["stale"] is True and st["state"] == "running" and "not running" in err
+    code, out, _ = run("--state-dir", str(tmp_path), "--format", "json", "list")
+    assert code == EXIT_OK and json.loads(out)[0]["name"] == "g"
+    code, _, err = run("--state-dir", str(tmp_path), "status", "nosuch")
+    assert code == EXIT_FAILED and "no guest" in err
 
 
 def test_global_options_after_the_command(tmp_path: Path) -> None:
