@@ -301,8 +301,8 @@ def fuzz_model(name: str, accesses: int, seed: int) -> Result:
                 regions = [m.region() for m in ram]
                 if rng.random() < 0.3:
                     # claims more than the memfd holds: must be refused, never mapped (SIGBUS)
-                    bad = ram[0].region()
-                    regions[0] = SysmemRegion(bad.gpa, bad.size + 0x100000, bad.offset, bad.fd)
+                    good = regions[0]
+                    regions[0] = SysmemRegion(good.gpa, good.size + 0x100000, good.offset, good.fd)
                     for extra in regions[1:]:
                         extra.fd.close()
                     regions = regions[:1]
