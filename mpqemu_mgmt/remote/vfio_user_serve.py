@@ -413,6 +413,7 @@ class VfioUserSession:
         self._depth = 0
         self.rejected = 0
         self.counts: dict[str, int] = {}
+        self.dma_by_message = {"reads": 0, "writes": 0}
         self.qmp: Any = None
 
     # -- DMA by message (client memory not shared by fd) --------------------------------------
@@ -441,9 +442,10 @@ class VfioUserSession:
         except InvalidMessage as exc:
             raise DmaError(exc.message, gpa=gpa) from exc
         self.transport.send(data)
+        self.dma_by_message["reads"] += 1
         event = self._await_reply(msg_id)
         if not isinstance(event.reply, m.DmaReadReply):
-            raise DmaError("DMA_READ refused by the client", gpa=gpa, errno=event.errno)
+            raise DmaError(f"DMA_READ refused by the client (errno {event.errno})", gpa=gpa)
         return event.reply.data
 
     def _dma_write(self, gpa: int, data: bytes) -> None:
@@ -452,9 +454,10 @@ class VfioUserSession:
         except InvalidMessage as exc:
             raise DmaError(exc.message, gpa=gpa) from exc
         self.transport.send(raw)
+        self.dma_by_message["writes"] += 1
         event = self._await_reply(msg_id)
         if event.reply is None:
-            raise DmaError("DMA_WRITE refused by the client", gpa=gpa, errno=event.errno)
+            raise DmaError(f"DMA_WRITE refused by the client (errno {event.errno})", gpa=gpa)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -514,7 +517,7 @@ class VfioUserSession:
             transport="vfio-user",
             messages={"received": self.transport.received, "sent": self.transport.sent, **self.counts},
             errors=self.rejected,
-            memory={"windows": self.windows.windows()},
+            memory={"windows": self.windows.windows(), "dma_by_message": dict(self.dma_by_message)},
             irq={"level": self.device.intx.level, "masked": self.device.intx.masked},
         )
         return out
@@ -560,6 +563,13 @@ class VfioUserSession:
 
     def close(self) -> None:
         # vfio-user.rst "Client Disconnection": unmap client memory, close its IRQ fds.
+        log.info(
+            "vfio-user session ends: %d messages received, %d rejected, DMA by message %d reads %d writes",
+            self.transport.received,
+            self.rejected,
+            self.dma_by_message["reads"],
+            self.dma_by_message["writes"],
+        )
         self.timers.clear()
         self.device.close()
         self.endpoint.close()
@@ -606,6 +616,13 @@ def main_from_args(args: Any, log_: Any) -> int:
                              "AF_UNIX SOCK_STREAM socket", fd=fd)
         return sock
 
+    level = getattr(args, "log_level", "warning").upper()
+    log.setLevel(getattr(logging, level, logging.WARNING))
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"mpqemu-remote[{os.getpid()}] {args.device}: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
     sock = inherited(args.fd, "--fd", False)
     backing = None
     if args.backing_fd is not None:

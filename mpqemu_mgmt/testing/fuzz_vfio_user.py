@@ -262,7 +262,9 @@ class _Session:
             if isinstance(req, m.DmaRead):
                 body: Any = m.DmaReadReply(req.address, self.rng.randbytes(req.count))
             else:
-                body = m.Empty(Command.DMA_WRITE)
+                body = m.DmaWriteReply(req.address, len(req.data)) if self.rng.random() < 0.5 else m.Empty(
+                    Command.DMA_WRITE
+                )
             self.client.send_raw(codec.encode(header.msg_id, body, reply=True))
 
     def _edu_dma_by_message(self) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from mpqemu_mgmt.errors import InvalidMessage, ProtocolError, TruncatedMessage
 from mpqemu_mgmt.protocol.vfio_user import codec, wire
 from mpqemu_mgmt.protocol.vfio_user import messages as m
-from mpqemu_mgmt.protocol.vfio_user.wire import Command, Header
+from mpqemu_mgmt.protocol.vfio_user.wire import Header
 
 QEMU_CAPABILITIES = {
     "max_msg_fds": 16,
@@ -89,7 +89,8 @@ class VfioUserClient:
             if isinstance(req, m.DmaWrite) and base <= req.address and req.address + len(req.data) <= end:
                 off = req.address - base
                 buf[off : off + len(req.data)] = req.data
-                self.send_raw(codec.encode(header.msg_id, m.Empty(Command.DMA_WRITE), reply=True))
+                echo = m.DmaWriteReply(req.address, len(req.data))  # as QEMU 11.1 answers
+                self.send_raw(codec.encode(header.msg_id, echo, reply=True))
                 return
         self.send_raw(codec.encode_error(header.msg_id, header.command, wire.EFAULT))
 

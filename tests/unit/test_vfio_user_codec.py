@@ -128,16 +128,37 @@ def test_write_multi_roundtrip(items: list[tuple[int, int, bytes]]) -> None:
 
 
 @given(u64, st.binary(max_size=100))
-def test_dma_rw_use_qemus_vfiouserdmarw_layout(address: int, data: bytes) -> None:
+def test_dma_rw_layout_as_qemu_11_1_speaks_it(address: int, data: bytes) -> None:
     raw = codec.encode(3, m.DmaWrite(address, data))
-    # VFIOUserDMARW: msg_size = sizeof(struct) (32) + count, data at byte 28
+    # address u64, count u64, data at byte 32 of the message (checked against QEMU 11.1.3)
     assert len(raw) == 32 + len(data)
-    assert raw[28 : 28 + len(data)] == data
+    assert struct.unpack_from("<QQ", raw, 16) == (address, len(data))
+    assert raw[32:] == data
     header, payload = split(raw)
     assert codec.decode_server_request(header, payload) == m.DmaWrite(address, data)
     reply = codec.encode(3, m.DmaReadReply(address, data), reply=True)
     header, payload = split(reply)
     assert codec.decode_reply(header, payload, (), Command.DMA_READ) == m.DmaReadReply(address, data)
+
+
+def test_dma_read_reply_bytes_captured_from_qemu_11_1() -> None:
+    """The head of a real DMA_READ reply (2048 bytes at 0x8000000) sent by QEMU 11.1.3."""
+    head = bytes.fromhex("00000b0020080000" "0100000000000000" "0000000800000000" "0008000000000000")
+    data = bytes(range(256)) * 8
+    header, payload = split(head + data)
+    got = codec.decode_reply(header, payload, (), Command.DMA_READ)
+    assert got == m.DmaReadReply(0x8000000, data)
+
+
+@pytest.mark.parametrize(
+    "payload", [b"", bytes.fromhex("0010000800000000" "0008000000000000")]
+)
+def test_dma_write_reply_with_or_without_echo(payload: bytes) -> None:
+    raw = Header(1, Command.DMA_WRITE, 16 + len(payload), wire.TYPE_REPLY).pack() + payload
+    header, body = split(raw)
+    got = codec.decode_reply(header, body, (), Command.DMA_WRITE)
+    assert isinstance(got, m.DmaWriteReply)
+    assert got.address == (None if not payload else 0x8001000)
 
 
 @given(st.integers(0, 8), st.integers(0, 0xFFFF), u64, u64)

@@ -51,6 +51,7 @@ _REPLIES: dict[int, Any] = {
     Command.REGION_READ: m.RegionReadReply,
     Command.REGION_WRITE: m.RegionWriteReply,
     Command.DMA_READ: m.DmaReadReply,
+    Command.DMA_WRITE: m.DmaWriteReply,
 }
 
 

@@ -523,14 +523,12 @@ class Empty:
 # --------------------------------------------------------------------------- server -> client DMA
 
 
-# QEMU's client lays DMA_READ/DMA_WRITE out as VFIOUserDMARW (hw/vfio-user/protocol.h):
-# offset u64, count u32, data at byte 12 of the payload, and checks msg_size against
-# sizeof(VFIOUserDMARW) == 32 (16-byte header + 16-byte padded fixed part), so a request of
-# ``count`` bytes is 32 + count long with the data at 28 and 4 bytes of tail padding
-# (vfio_user_dma_read/vfio_user_dma_write in hw/vfio-user/pci.c). vfio-user.rst instead
-# documents address u64, count u64, data at 16; the QEMU layout is the one a stock client speaks.
-DMA_RW = struct.Struct("<QI")
-DMA_RW_PADDED = 16  # sizeof(VFIOUserDMARW) - sizeof(VFIOUserHdr)
+# DMA_READ / DMA_WRITE (server -> client): address u64, count u64, data at payload byte 16, as
+# vfio-user.rst documents. Verified against Debian's QEMU 11.1.3 binary: its DMA_READ reply
+# carries the data at byte 16 and its DMA_WRITE reply echoes address and count (16 bytes). Some
+# source snapshots of hw/vfio-user/protocol.h declare VFIOUserDMARW as {u64 offset; u32 count;
+# char data[]} with a header-only DMA_WRITE reply; replies in that shape (no payload) are accepted.
+DMA_RW = struct.Struct("<QQ")
 
 
 @dataclass(frozen=True)
@@ -541,12 +539,12 @@ class DmaRead:
     count: int
 
     def pack(self) -> bytes:
-        return DMA_RW.pack(self.address, self.count) + b"\0" * (DMA_RW_PADDED - DMA_RW.size)
+        return DMA_RW.pack(self.address, self.count)
 
     @classmethod
     def unpack(cls, payload: bytes, fds: tuple[int, ...] = ()) -> DmaRead:
         _no_fds(fds, "DMA_READ")
-        _at_least(payload, DMA_RW_PADDED, "DMA_READ")
+        _at_least(payload, DMA_RW.size, "DMA_READ")
         address, count = DMA_RW.unpack_from(payload)
         return cls(address, count)
 
@@ -559,13 +557,12 @@ class DmaReadReply:
     data: bytes
 
     def pack(self) -> bytes:
-        pad = b"\0" * (DMA_RW_PADDED - DMA_RW.size)
-        return DMA_RW.pack(self.address, len(self.data)) + self.data + pad
+        return DMA_RW.pack(self.address, len(self.data)) + self.data
 
     @classmethod
     def unpack(cls, payload: bytes, fds: tuple[int, ...] = ()) -> DmaReadReply:
         _no_fds(fds, "DMA_READ reply")
-        _at_least(payload, DMA_RW_PADDED, "DMA_READ reply")
+        _at_least(payload, DMA_RW.size, "DMA_READ reply")
         address, count = DMA_RW.unpack_from(payload)
         if DMA_RW.size + count > len(payload):
             raise _bad("DMA_READ reply: count beyond the message", count=count)
@@ -580,17 +577,40 @@ class DmaWrite:
     data: bytes
 
     def pack(self) -> bytes:
-        pad = b"\0" * (DMA_RW_PADDED - DMA_RW.size)
-        return DMA_RW.pack(self.address, len(self.data)) + self.data + pad
+        return DMA_RW.pack(self.address, len(self.data)) + self.data
 
     @classmethod
     def unpack(cls, payload: bytes, fds: tuple[int, ...] = ()) -> DmaWrite:
         _no_fds(fds, "DMA_WRITE")
-        _at_least(payload, DMA_RW_PADDED, "DMA_WRITE")
+        _at_least(payload, DMA_RW.size, "DMA_WRITE")
         address, count = DMA_RW.unpack_from(payload)
-        if count > len(payload) - DMA_RW_PADDED:
+        if count > len(payload) - DMA_RW.size:
             raise _bad("DMA_WRITE: count beyond the message", errno=wire.E2BIG, count=count)
         return cls(address, bytes(payload[DMA_RW.size : DMA_RW.size + count]))
+
+
+@dataclass(frozen=True)
+class DmaWriteReply:
+    """DMA_WRITE reply: address and count echoed (QEMU 11.1), or nothing (older snapshots)."""
+
+    COMMAND: ClassVar[Command] = Command.DMA_WRITE
+
+    address: int | None = None
+    count: int | None = None
+
+    def pack(self) -> bytes:
+        if self.address is None:
+            return b""
+        return DMA_RW.pack(self.address, self.count or 0)
+
+    @classmethod
+    def unpack(cls, payload: bytes, fds: tuple[int, ...] = ()) -> DmaWriteReply:
+        _no_fds(fds, "DMA_WRITE reply")
+        if not payload:
+            return cls()
+        _exact(payload, DMA_RW.size, "DMA_WRITE reply")
+        address, count = DMA_RW.unpack(payload)
+        return cls(address, count)
 
 
 Request = (
@@ -617,5 +637,6 @@ Reply = (
     | RegionWriteReply
     | WriteMultiReply
     | DmaReadReply
+    | DmaWriteReply
     | Empty
 )
