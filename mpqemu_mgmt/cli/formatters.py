@@ -71,7 +71,10 @@ DEVICE_COLUMNS = ("id", "model", "backend", "pid", "health", "restarts", "seccom
 
 def status_table(status: Mapping[str, Any]) -> str:
     """``status NAME``: the guest's fields, then one row per device with its confinement."""
-    out = fields(status, skip=("devices",))
+    first = ("name", "state", "driver", "pid", "reason", "console")
+    ordered = {k: status[k] for k in first if k in status}
+    ordered.update({k: v for k, v in status.items() if k not in ordered})
+    out = fields(ordered, skip=("devices",))
     rows = []
     for d in status.get("devices", []):
         conf = d.get("confinement") or {}

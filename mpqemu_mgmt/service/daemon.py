@@ -221,8 +221,16 @@ class Daemon:
         return {k: v for k, v in self.supervisor.latencies().items()}
 
     def _record_from_runtime(self, rec: GuestRecord, rt: GuestRuntime, state: str) -> GuestRecord:
+        """The record of a live guest. Its definition keeps every device of ``rec`` even when the
+        runtime lost one (a replug whose plug half failed): only ``detach`` removes a device."""
+        spec = rt.spec
+        live = {d.id for d in spec.devices}
+        with contextlib.suppress(MpqemuError):
+            for d in self._spec(rec).devices:
+                if d.id not in live:
+                    spec = spec.with_device(d)
         devices = []
-        for dev in rt.spec.devices:
+        for dev in spec.devices:
             old = rec.device(dev.id)
             remote = rt.remotes.get(dev.id)
             w = self.supervisor.get(rec.name, dev.id)
@@ -238,7 +246,7 @@ class Daemon:
                 qdev_id=dev.id))
         main = (ProcRecord(rt.pid, proc_start_time(rt.pid) or 0, rt.qmp_path, rt.console_log)
                 if rt.pid else None)
-        return replace(rec, spec=rt.spec.to_dict(), state=state, driver=rt.driver, main=main,
+        return replace(rec, spec=spec.to_dict(), state=state, driver=rt.driver, main=main,
                        devices=tuple(devices), driver_data=rt.to_record())
 
     def _spec(self, rec: GuestRecord) -> GuestSpec:
@@ -454,7 +462,8 @@ class Daemon:
                     if dev_id in rt.remotes:
                         self._watch_device(rt, rt.spec.device(dev_id))  # still plugged: keep watching
                     raise
-                self._save(self._record_from_runtime(rec, rt, rec.state).without_device(dev_id))
+                gone = replace(rec, spec=spec.without_device(dev_id).to_dict()).without_device(dev_id)
+                self._save(self._record_from_runtime(gone, rt, rec.state))
             self.events.emit("detached", name, dev_id)
             return {"name": name, "device": dev_id, "changed": True}
 

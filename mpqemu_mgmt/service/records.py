@@ -116,6 +116,7 @@ class GuestRecord:
         return {
             "name": self.name, "state": self.state, "driver": self.driver,
             "pid": self.main.pid if self.main else None, "reason": self.reason,
+            "console": self.main.log if self.main else None,
             "devices": [d.status() for d in self.devices],
         }
 
