@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from mpqemu_mgmt.devices.virtio.constants import BLK_S_OK, BLK_T_IN, BLK_T_OUT
 from mpqemu_mgmt.testing.virtio_blk_remotes import Attached, attach, builtin_blk, stock_blk
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[wl.name][name].append(run_for(atts[name].driver, wl, args.seconds, cursors[name]))
         kicks = {name: att.driver.kicks for name, att in atts.items()}
 
-    summary = []
+    summary: list[dict[str, Any]] = []
     for wl in workloads:
         st, ou = results[wl.name]["stock"], results[wl.name]["ours"]
         ratios = sorted(o / s for s, o in zip(st, ou, strict=True))

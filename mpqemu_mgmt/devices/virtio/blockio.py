@@ -7,8 +7,10 @@ Data moves with ``preadv``/``pwritev`` straight between the file and memoryviews
 guest RAM, with no intermediate copy; FLUSH is ``fdatasync`` (what QEMU's file-posix driver
 does for ``bdrv_co_flush`` on a raw file).
 
-Syscalls this module makes (for the seccomp policy): ``fstat``, ``lseek`` (size of a block
-device), ``fcntl(F_GETFL)``, ``preadv``, ``pwritev``, ``fdatasync``.
+Syscalls this module makes (for the seccomp policy): at construction, before the filter is
+installed, ``fstat``, ``fcntl(F_GETFL)`` and ``lseek`` (size of a block device); while serving,
+``preadv2``/``pwritev2`` (CPython's ``os.preadv``/``os.pwritev`` call the v2 syscalls whenever the
+C library has them) and ``fdatasync``.
 
 What it must not do: open, close or resize files, interpret request headers, or copy guest data
 into Python objects.

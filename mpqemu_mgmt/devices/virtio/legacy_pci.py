@@ -18,6 +18,11 @@ offset  width  register
 0x14    …      device-specific config
 ======  =====  ==================================================
 
+A kick (QUEUE_NOTIFY) is served through the ``defer`` hook the device passes in: the remote
+runs it from its timer queue right after the BAR write has been answered, so the proxy's vCPU is
+not held for the I/O (QEMU gets the same from ioeventfd + AIO); kicks that arrive meanwhile
+coalesce. Without a hook (tests) the kick is served inside the write.
+
 It owns the :class:`~.ring.SplitQueue` objects, drives the INTx pin through
 :class:`~mpqemu_mgmt.pci.IntxPin` and hands popped chains to a :class:`VirtioDeviceLogic`
 (e.g. the virtio-blk request handler). A guest that breaks the ring contract gets
