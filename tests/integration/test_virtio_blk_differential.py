@@ -272,3 +272,19 @@ def test_malformed_chain_is_not_completed_and_reset_recovers(
         drv.init(COMMON)
         assert drv.write(0, b"r" * 512).status == BLK_S_OK
     assert twin.stock.driver.status() & 0x3F == twin.ours.driver.status() & 0x3F
+
+
+def test_device_reset_message_resets_virtio_state(twin: Twin) -> None:
+    """MPQEMU DEVICE_RESET (what the proxy sends at machine reset) → virtio_pci_reset on both."""
+    for att in (twin.stock, twin.ours):
+        drv = att.driver
+        drv.init(COMMON)
+        assert drv.write(4, b"d" * 1024).status == BLK_S_OK
+        att.sim.device_reset()
+        bus = drv.bus
+        regs = [bus.read(r, n) for r, n in ((LegacyReg.STATUS, 1), (LegacyReg.GUEST_FEATURES, 4),
+                                           (LegacyReg.QUEUE_PFN, 4), (LegacyReg.QUEUE_SEL, 2))]  # fmt: skip
+        assert regs == [0, 0, 0, 0], regs
+        # config space (BARs, command) is left alone: the device still answers at its BAR
+        drv.init(COMMON)
+        assert drv.read(4, 1024).data == b"d" * 1024
