@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, check_fd_passing
-from mpqemu_mgmt.errors import NotFoundError, OrchestrationError, ProcessFailed
+from mpqemu_mgmt.errors import MpqemuError, NotFoundError, OrchestrationError, ProcessFailed
 from mpqemu_mgmt.orchestrate import plans
 from mpqemu_mgmt.orchestrate.channel import LibvirtChannel, MonitorChannel, QmpChannel
 from mpqemu_mgmt.orchestrate.plans import Plan, Step
@@ -166,7 +166,17 @@ class _BaseDriver:
     async def attach(self, runtime: GuestRuntime, device: DeviceSpec) -> RemoteRuntime:
         plan = self.plan(runtime, "attach", device=device)
         devices = {d.id: d for d in runtime.spec.devices} | {device.id: device}
-        await self._run(runtime, plan, devices, await self.channel(runtime))
+        channel = await self.channel(runtime)
+        try:
+            await self._run(runtime, plan, devices, channel)
+        except MpqemuError as exc:
+            # A device_add that timed out can complete later (realize resumes once the hung remote is
+            # killed) and the one-shot unplug of the rollback needs the guest's help. If QEMU still
+            # has the device, keep it in the spec (remote-less) so a detach can remove it later.
+            if await _plugged(channel, device.id):
+                runtime.spec = runtime.spec.with_device(device)
+                exc.details["still_plugged"] = device.id
+            raise
         runtime.spec = runtime.spec.with_device(device)
         return runtime.remotes[device.id]
 
@@ -242,6 +252,15 @@ class _VmOps:
 
     async def stop_vm(self, step: Step, runtime: GuestRuntime, channel: MonitorChannel | None) -> None:
         await self._driver.stop_vm(step, runtime, channel)
+
+
+async def _plugged(channel: MonitorChannel, device_id: str) -> bool:
+    """Does QEMU still have ``/machine/peripheral/<id>``? False when it cannot tell."""
+    try:
+        items = await channel.execute("qom-list", {"path": "/machine/peripheral"}, timeout=5.0)
+    except Exception:
+        return False
+    return isinstance(items, list) and any(isinstance(i, dict) and i.get("name") == device_id for i in items)
 
 
 def close_pidfd_main(runtime: GuestRuntime) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Final
 
@@ -99,6 +99,8 @@ class Step:
     argv: tuple[str, ...] = ()
     force: bool = False
     undo: tuple[Step, ...] = ()
+    #: Run ``undo`` also when this step itself timed out or lost its peer: it may have happened.
+    undo_if_unsure: bool = False
     why: str = ""
 
     def to_dict(self) -> dict[str, JSON]:
@@ -126,6 +128,8 @@ class Step:
             out["force"] = True
         if self.undo:
             out["undo"] = [u.to_dict() for u in self.undo]
+        if self.undo_if_unsure:
+            out["undo_if_unsure"] = True
         if self.why:
             out["why"] = self.why
         return out
@@ -177,7 +181,15 @@ def plug_steps(spec: GuestSpec, dev: DeviceSpec, place: topology.Placement, path
                undo_device_add: bool) -> tuple[Step, ...]:
     """socketpair + remote, getfd with the proxy end, device_add (hot-plug and start)."""
     name = fd_name(dev.id)
-    undo: tuple[Step, ...] = unplug_steps(dev.id)[:1] if undo_device_add else ()
+    # device_add of a proxy waits for the remote inside realize (hw/remote/proxy.c probes its config
+    # space) with QEMU's monitor blocked; a hung remote means a timeout, after which realize may
+    # still complete once the remote dies. So the undo of an unsure device_add kills the remote
+    # first (unblocking QEMU), then unplugs whatever got realized (one attempt: a rollback must
+    # end). In a start, stopping the VM removes the device itself.
+    undo: tuple[Step, ...] = (_stop_remote(dev.id, force=True),)
+    if undo_device_add:
+        unplug = replace(unplug_steps(dev.id)[0], attempts=1, undo=())
+        undo += (unplug,)
     if dev.transport == "vfio-user":
         # QEMU >= 10.1 vfio-user-pci connects to a UNIX path and refuses the fd form ("Unsupported
         # socket type fd", hw/vfio-user/pci.c): listen on a path in the state dir, and start the
@@ -191,7 +203,7 @@ def plug_steps(spec: GuestSpec, dev: DeviceSpec, place: topology.Placement, path
         add = _qmp("device_add", {"driver": "vfio-user-pci", "id": dev.id,
                                   "socket": {"type": "unix", "path": sock},
                                   "bus": place.bus, "addr": place.addr},
-                   device=dev.id, undo=undo)
+                   device=dev.id, undo=undo, undo_if_unsure=True)
         return (listen, add)
     # x-pci-proxy-dev resolves fd with monitor_fd_param, so a getfd name works (hw/remote/proxy.c).
     add_args: dict[str, JSON] = {"driver": "x-pci-proxy-dev", "id": dev.id, "fd": name,
@@ -207,7 +219,7 @@ def plug_steps(spec: GuestSpec, dev: DeviceSpec, place: topology.Placement, path
         undo=(_qmp("closefd", {"fdname": name}, device=dev.id, done_if_error=(ERR_NOT_FOUND,)),),
         why="hand QEMU the proxy end over SCM_RIGHTS",
     )
-    add = _qmp("device_add", add_args, device=dev.id, undo=undo)
+    add = _qmp("device_add", add_args, device=dev.id, undo=undo, undo_if_unsure=True)
     return (launch, getfd, add)
 
 

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from mpqemu_mgmt.domain.spec import DeviceSpec
 from mpqemu_mgmt.domain.topology import Placement
-from mpqemu_mgmt.errors import MpqemuError, OrchestrationError, StepTimeout
+from mpqemu_mgmt.errors import MpqemuError, OrchestrationError, ProcessFailed, StepTimeout
 from mpqemu_mgmt.orchestrate.channel import MonitorChannel, QmpCommandError
 from mpqemu_mgmt.orchestrate.plans import Op, Plan, Step
 from mpqemu_mgmt.orchestrate.processes import RemoteLauncher
@@ -88,7 +88,12 @@ class Runner:
                         self._before(index + offset, step)
                 started = time.perf_counter()
                 if len(batch) == 1:
-                    await self._step(batch[0])
+                    try:
+                        await self._step(batch[0])
+                    except (StepTimeout, ProcessFailed):
+                        if batch[0].undo_if_unsure:
+                            done.append(batch[0])  # it may have happened: undo it too
+                        raise
                     done.append(batch[0])
                 else:
                     results = await asyncio.gather(*(self._step(s) for s in batch), return_exceptions=True)

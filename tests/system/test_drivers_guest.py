@@ -148,7 +148,7 @@ def test_failures_during_unplug_and_hard_reset_leave_nothing_behind(state_root: 
         for dev_id, remote in runtime.remotes.items():
             assert pid_alive(remote.pid), f"{dev_id}: QEMU has it but its remote is dead"
         live = {cmd for _, cmd in processes_under(state_root)}
-        for dev_id in {"t0", "t1", "edu0", "lsi0"} - in_qemu:
+        for dev_id in {"t0", "t1", "edu0", "lsi0", "hung"} - in_qemu:
             assert not any(f"remote-{dev_id}.qmp" in c or f"devid={dev_id}," in c for c in live), dev_id
 
     async def main() -> None:
@@ -165,6 +165,23 @@ def test_failures_during_unplug_and_hard_reset_leave_nothing_behind(state_root: 
                     await driver.detach(runtime, dev_id)
                 driver.before_step = None
                 await consistent(runtime)
+            # A remote that hangs during hot-plug: QEMU's device_add blocks in realize and times out;
+            # the rollback kills the remote (QEMU unblocks), and the guest acks the unplug.
+            import signal
+
+            from mpqemu_mgmt.errors import StepTimeout
+
+            def hang(index: int, step: Step) -> None:
+                if step.command == "device_add" and step.device == "hung":
+                    os.kill(runtime.remotes["hung"].pid, signal.SIGSTOP)
+
+            driver.before_step = hang
+            with pytest.raises(StepTimeout) as info:
+                await driver.attach(runtime, DeviceSpec(id="hung", model="pci-testdev", backend="qemu"))
+            driver.before_step = None
+            assert "still_plugged" not in info.value.details, info.value.details
+            await consistent(runtime)
+
             hard = len(plan_for(runtime.spec, "hard-reset", device_id="edu0",
                                 placements=runtime.placements()).steps)
             for at in range(hard):

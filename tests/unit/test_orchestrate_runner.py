@@ -49,10 +49,13 @@ class FakeChannel:
         self.errors = {k: list(v) for k, v in (errors or {}).items()}
         self.events = list(events or [])
         self.fds: list[int] = []
+        self.hangs: set[str] = set()
 
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None, *,
                       timeout: float) -> Any:
         self.log.append(command)
+        if command in self.hangs:
+            raise StepTimeout(f"{command}: no answer")
         pending = self.errors.get(command)
         if pending:
             raise QmpCommandError(command, "GenericError", pending.pop(0))
@@ -211,3 +214,28 @@ def test_injected_failure_anywhere_in_start_undoes_all(at: int) -> None:
     assert ("launch-vm" in log) == ("stop-vm force" in log)
     assert log.count("getfd") == log.count("closefd")  # no named fd left in QEMU
     assert all(s.fileno() == -1 for s in launcher.socks)
+
+
+def test_device_add_timeout_kills_remote_then_unplugs() -> None:
+    """A hung remote blocks QEMU inside realize; the device may appear once the remote dies."""
+    log = Log()
+    chan = FakeChannel(log)
+    chan.hangs.add("device_add")
+    r = runner(log, chan, FakeLauncher(log), channel=True)
+    with pytest.raises(StepTimeout):
+        run(r.run(plan_for(SPEC, "attach", device=DeviceSpec(id="c", model="edu"))))
+    assert log == ["launch c", "getfd", "device_add",
+                   "stop c force",                                 # unblocks QEMU first
+                   "arm DEVICE_DELETED", "device_del", "disarm",   # one unplug attempt
+                   "closefd"]
+    assert "c" not in r.runtime.remotes
+
+
+def test_refused_device_add_is_not_unsure() -> None:
+    """An error reply means QEMU did not add it: no unplug in the rollback."""
+    log = Log()
+    chan = FakeChannel(log, errors={"device_add": ["Duplicate device ID 'c'"]})
+    r = runner(log, chan, FakeLauncher(log), channel=True)
+    with pytest.raises(QmpCommandError):
+        run(r.run(plan_for(SPEC, "attach", device=DeviceSpec(id="c", model="edu"))))
+    assert "device_del" not in log
