@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="a defined guest, or a spec file")
     p.add_argument("action", nargs="+", metavar="ACTION",
                    help="start | attach K=V... | detach ID | reset [ID] | stop")
-    p = add("events", "show events (JSON lines with --format json)")
+    p = add("events", "show events: a table, or JSON lines (one object per line) with --format json")
     p.add_argument("name", nargs="?")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p = add("hook", "libvirt hook entry (GUEST OP SUB-OP EXTRA), or `hook install`")
@@ -152,10 +152,6 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None,
             return result
         if args.format == "table" and result.text is not None:
             out.write(result.text)
-        elif args.format == "table" and result.kind == "events":
-            from mpqemu_mgmt.cli.formatters import cell
-
-            out.write("".join(commands._event_line(e, cell) + "\n" for e in result.data))
         else:
             out.write(render(result.data, args.format, result.kind))
         out.flush()

@@ -7,6 +7,7 @@ control API; ``plan``, ``xml``, ``logs``, ``events`` and ``hook`` read files and
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,8 +189,6 @@ def cmd_plan(ctx: Context, a: Any) -> Output:
 
 
 def _step_row(step: Any) -> dict[str, Any]:
-    import json
-
     if not isinstance(step, dict):
         return {"op": str(step), "command": "", "detail": ""}
     detail = {k: v for k, v in step.items() if k not in ("op", "command") and v not in (None, "", [], {})}
@@ -198,19 +197,23 @@ def _step_row(step: Any) -> dict[str, Any]:
 
 
 def cmd_events(ctx: Context, a: Any) -> Output | int:
-    from mpqemu_mgmt.cli.formatters import cell, to_json
+    """Events as JSON lines (``--format json``, one object per line, as in the events file) or
+    one table row per event; ``--follow`` keeps printing new ones until interrupted."""
+    from mpqemu_mgmt.cli.formatters import cell
     from mpqemu_mgmt.service.events import follow_events, read_events
 
-    if not a.follow:
-        evs = [e.to_dict() for e in read_events(ctx.paths.events, a.name)]
-        return Output(evs, kind="events")
-    # --follow: JSON lines (one object per line) in json format, one table row per line otherwise
-    for ev in follow_events(ctx.paths.events, a.name):
-        d = ev.to_dict()
+    def show(d: dict[str, Any]) -> None:
         if ctx.fmt == "json":
-            ctx.stdout.write(to_json(d).replace("\n", " ").rstrip() + "\n")
+            ctx.stdout.write(json.dumps(d, sort_keys=True) + "\n")
         else:
             ctx.stdout.write(_event_line(d, cell) + "\n")
+
+    if not a.follow:
+        for ev in read_events(ctx.paths.events, a.name):
+            show(ev.to_dict())
+        return 0
+    for ev in follow_events(ctx.paths.events, a.name):
+        show(ev.to_dict())
         ctx.stdout.flush()
     return 0
 
