@@ -131,21 +131,21 @@ def test_qmp_raw_protocol_errors(edu: tuple[BuiltinRemote, ProxySim, str]) -> No
     with socket.socket(socket.AF_UNIX) as c:
         c.settimeout(5)
         c.connect(path)
-        f = c.makefile("rwb")
-        assert b'"QMP"' in f.readline()
+        with c.makefile("rwb") as f:
+            assert b'"QMP"' in f.readline()
 
-        def cmd(raw: bytes) -> bytes:
-            f.write(raw + b"\n")
-            f.flush()
-            return f.readline()
+            def cmd(raw: bytes) -> bytes:
+                f.write(raw + b"\n")
+                f.flush()
+                return f.readline()
 
-        assert b"Expecting capabilities negotiation" in cmd(b'{"execute": "query-status", "id": 7}')
-        reply = cmd(b'{"execute": "qmp_capabilities", "id": "a"}')
-        assert b'"return": {}' in reply and b'"id": "a"' in reply
-        assert b"CommandNotFound" in cmd(b'{"execute": "device_add"}')
-        assert b"GenericError" in cmd(b"[1, 2]")
-        assert b"parse error" in cmd(b"{nonsense}")
-        assert b'"running": true' in cmd(b'{"execute": "query-status"}')
+            assert b"Expecting capabilities negotiation" in cmd(b'{"execute": "query-status", "id": 7}')
+            reply = cmd(b'{"execute": "qmp_capabilities", "id": "a"}')
+            assert b'"return": {}' in reply and b'"id": "a"' in reply
+            assert b"CommandNotFound" in cmd(b'{"execute": "device_add"}')
+            assert b"GenericError" in cmd(b"[1, 2]")
+            assert b"parse error" in cmd(b"{nonsense}")
+            assert b'"running": true' in cmd(b'{"execute": "query-status"}')
     assert px.config_read(0, 2) == 0x1234
 
 
@@ -154,13 +154,13 @@ def test_qmp_quit_exits_zero(edu: tuple[BuiltinRemote, ProxySim, str]) -> None:
     with socket.socket(socket.AF_UNIX) as c:
         c.settimeout(5)
         c.connect(path)
-        f = c.makefile("rwb")
-        f.readline()
-        f.write(b'{"execute": "qmp_capabilities"}{"execute": "quit", "id": 1}\n')
-        f.flush()
-        assert f.readline().strip() == b'{"return": {}}'
-        assert f.readline().strip() == b'{"return": {}, "id": 1}'
-        assert b'"SHUTDOWN"' in f.readline()
+        with c.makefile("rwb") as f:
+            f.readline()
+            f.write(b'{"execute": "qmp_capabilities"}{"execute": "quit", "id": 1}\n')
+            f.flush()
+            assert f.readline().strip() == b'{"return": {}}'
+            assert f.readline().strip() == b'{"return": {}, "id": 1}'
+            assert b'"SHUTDOWN"' in f.readline()
     assert remote.wait(5) == 0
 
 
@@ -254,19 +254,19 @@ def test_qmp_one_client_at_a_time_and_split_input(edu: tuple[BuiltinRemote, Prox
     with socket.socket(socket.AF_UNIX) as a, socket.socket(socket.AF_UNIX) as b:
         a.settimeout(5)
         a.connect(path)
-        fa = a.makefile("rwb")
-        assert b'"QMP"' in fa.readline()
-        b.connect(path)  # queued in the backlog: no greeting while the first client stays
-        b.settimeout(0.3)
-        with pytest.raises(TimeoutError):
-            b.recv(1)
-        # a command split over several writes is assembled before it runs
-        for chunk in (b'{"execute": "qmp_capa', b'bilities"', b', "id": 1}\n'):
-            a.sendall(chunk)
-            time.sleep(0.05)
-        assert fa.readline().strip() == b'{"return": {}, "id": 1}'
-        assert px.config_read(0, 2) == 0x1234  # the device is served meanwhile
-        fa.close()
-        a.close()
-        b.settimeout(5)
-        assert b'"QMP"' in b.recv(4096)  # the next client is served once the first left
+        with a.makefile("rwb") as fa:
+            assert b'"QMP"' in fa.readline()
+            b.connect(path)  # queued in the backlog: no greeting while the first client stays
+            b.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                b.recv(1)
+            # a command split over several writes is assembled before it runs
+            for chunk in (b'{"execute": "qmp_capa', b'bilities"', b', "id": 1}\n'):
+                a.sendall(chunk)
+                time.sleep(0.05)
+            assert fa.readline().strip() == b'{"return": {}, "id": 1}'
+            assert px.config_read(0, 2) == 0x1234  # the device is served meanwhile
+            fa.close()
+            a.close()
+            b.settimeout(5)
+            assert b'"QMP"' in b.recv(4096)  # the next client is served once the first left
