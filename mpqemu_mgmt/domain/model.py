@@ -212,13 +212,12 @@ class MetaGuest(Node):
 @dataclass
 class Domain(Node):
     TAG: ClassVar[str] = "domain"
-    # Document order follows libvirt's own XMLDesc output so diffs against it stay small.
+    # Document order follows libvirt's own XMLDesc output so diffs against it stay small;
+    # <metadata> goes right after <name>/<uuid> (see to_element).
     FIELDS: ClassVar[tuple[F, ...]] = (
         F("type", "@type"),
         F("name", "name"),
         F("uuid", "uuid"),
-    )
-    FIELDS_AFTER_META: ClassVar[tuple[F, ...]] = (
         F("memory_unit", "memory/@unit"), F("memory", "memory", "int"),
         F("current_memory_unit", "currentMemory/@unit"), F("current_memory", "currentMemory", "int"),
         F("memfd", "memoryBacking/source/@type"), F("mem_access", "memoryBacking/access/@mode"),
@@ -257,10 +256,10 @@ class Domain(Node):
     def to_element(self, parent: etree._Element | None = None) -> etree._Element:
         el = super().to_element(parent)
         if self.meta is not None:
-            etree.SubElement(el, "metadata").append(self.meta.to_element())
-        after = _Tail(self)
-        for child in after.to_element():
-            el.append(child)
+            metadata = etree.Element("metadata")
+            metadata.append(self.meta.to_element())
+            head = [c for c in el if c.tag in ("name", "uuid")]
+            el.insert(el.index(head[-1]) + 1 if head else 0, metadata)
         devices = el.find("devices")
         assert devices is not None
         for ctl in self.controllers:
@@ -279,9 +278,6 @@ class Domain(Node):
     @classmethod
     def from_element(cls, el: etree._Element) -> Self:
         dom = super().from_element(el)
-        tail = _Tail.from_element(el)
-        for f in cls.FIELDS_AFTER_META:
-            setattr(dom, f.attr, getattr(tail, f.attr))
         meta_el = el.find(f"metadata/{_clark('mpq:guest')}")
         dom.meta = MetaGuest.from_element(meta_el) if meta_el is not None else None
         devices = el.find("devices")
@@ -300,35 +296,3 @@ class Domain(Node):
         if root.tag != "domain":
             raise SpecError(f"{source}: root element is <{root.tag}>, not <domain>", file=source, key="")
         return cls.from_element(root)
-
-
-@dataclass
-class _Tail(Node):
-    """The part of <domain> after <metadata>, declared with the same machinery."""
-
-    TAG: ClassVar[str] = "domain"
-    FIELDS: ClassVar[tuple[F, ...]] = Domain.FIELDS_AFTER_META
-    memory_unit: str | None = None
-    memory: int | None = None
-    current_memory_unit: str | None = None
-    current_memory: int | None = None
-    memfd: str | None = None
-    mem_access: str | None = None
-    vcpus: int | None = None
-    arch: str | None = None
-    machine: str | None = None
-    os_type: str | None = None
-    kernel: str | None = None
-    initrd: str | None = None
-    cmdline: str | None = None
-    acpi: bool = False
-    on_poweroff: str | None = None
-    on_reboot: str | None = None
-    on_crash: str | None = None
-    emulator: str | None = None
-
-    def __init__(self, src: Domain | None = None, **kw: Any) -> None:
-        for f in Domain.FIELDS_AFTER_META:
-            setattr(self, f.attr, getattr(src, f.attr) if src is not None else kw.get(f.attr))
-        if src is None and "acpi" not in kw:
-            self.acpi = False
