@@ -128,3 +128,25 @@ def test_service_killed_and_restarted_readopts_without_disturbing(service: Servi
     # the adopted guest is fully managed again: stop works and leaves nothing
     service.cli("stop", "r2", "--force")
     assert service.leftovers() == []
+
+
+def test_sigstopped_main_qemu_is_reported_never_killed(service: Service) -> None:
+    st = started(service, "u1", dev("replug"))
+    main = st["pid"]
+    service.wait_event("u1", "healthy", None, timeout=10)
+    t0 = time.time()
+    os.kill(main, signal.SIGSTOP)  # type: ignore[arg-type]
+    try:
+        ev = service.wait_event("u1", "unresponsive", timeout=5, after=t0)
+        assert ev["device"] is None and ev["time"] - t0 < 2.0
+        time.sleep(1.0)
+        assert alive(main)  # type: ignore[arg-type]  # a busy or blocked main QEMU is reported, not killed
+    finally:
+        os.kill(main, signal.SIGCONT)  # type: ignore[arg-type]
+    t1 = time.time()
+    deadline = time.monotonic() + 10
+    while not any(e["kind"] == "healthy" and e["device"] is None and e["time"] >= t1
+                  for e in service.events("u1")):
+        assert time.monotonic() < deadline, service.events("u1")[-5:]
+        time.sleep(0.05)
+    assert service.cli("status", "u1")[1]["state"] == "running"
