@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1.0, help="query-status timeout, s (default 1.0)")
     p.add_argument("--max-restarts", type=int, default=5, help="replugs before giving up (default 5)")
     p.add_argument("--metrics-file", help="write Prometheus metrics to this file (opt-in)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (opt-in)")
     p = add("define", "register a guest from a TOML spec (idempotent)")
     p.add_argument("spec")
     add("undefine", "forget a stopped guest").add_argument("name")

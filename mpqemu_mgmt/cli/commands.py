@@ -52,7 +52,7 @@ def cmd_serve(ctx: Context, a: Any) -> int:
         print(f"mpqemu-mgmt: serving on {ctx.paths.control} (state {ctx.paths.state})", file=ctx.stderr,
               flush=True)
 
-    asyncio.run(serve(ctx.paths, settings, metrics, ready))
+    asyncio.run(serve(ctx.paths, settings, metrics, ready, metrics_listen=a.metrics_listen))
     return 0
 
 

@@ -713,13 +713,21 @@ def _describe(step: Any) -> str:
 
 
 async def serve(paths: StatePaths, settings: Settings | None = None, metrics_file: Path | None = None,
-                ready: Callable[[Daemon], None] | None = None) -> None:
+                ready: Callable[[Daemon], None] | None = None, metrics_listen: str | None = None) -> None:
     """``mpqemu-mgmt serve``: run until SIGTERM/SIGINT or a ``shutdown`` request."""
     daemon = Daemon(paths, settings, metrics_file=metrics_file)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stopped.set)
     await daemon.open()
+    endpoint = None
+    if metrics_listen:
+        from mpqemu_mgmt.service.metrics import MetricsEndpoint
+
+        host, _, port = metrics_listen.rpartition(":")
+        endpoint = MetricsEndpoint(host or "127.0.0.1", int(port),
+                                   lambda: render(daemon.store.load_all(), daemon._latencies()))
+        await endpoint.start()
     if ready is not None:
         ready(daemon)
     metrics_task = None
@@ -734,6 +742,8 @@ async def serve(paths: StatePaths, settings: Settings | None = None, metrics_fil
     finally:
         if metrics_task is not None:
             metrics_task.cancel()
+        if endpoint is not None:
+            await endpoint.close()
         await daemon.close()
 
 

@@ -1,12 +1,15 @@
 """Metrics in the Prometheus text exposition format (version 0.0.4).
 
 :func:`render` is pure (records in, text out); :func:`write_metrics` writes the opt-in file
-atomically so a node-exporter textfile collector never reads half a file.
+atomically so a node-exporter textfile collector never reads half a file; :class:`MetricsEndpoint`
+is the opt-in HTTP endpoint. Must not decide anything about the guests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from mpqemu_mgmt.service.records import GuestRecord
@@ -52,3 +55,50 @@ def render(guests: Iterable[GuestRecord], latencies: Mapping[tuple[str, str], fl
 
 def write_metrics(path: Path, text: str) -> None:
     atomic_write(path, text.encode(), mode=0o644)
+
+
+class MetricsEndpoint:
+    """Opt-in ``GET /metrics`` over HTTP/1.0 for a Prometheus scraper (``serve --metrics-listen``).
+
+    Deliberately minimal: one request per connection, only GET /metrics, no keep-alive, read-only;
+    bind it to localhost unless a firewall stands in front of it.
+    """
+
+    def __init__(self, host: str, port: int, text: Callable[[], str]) -> None:
+        self.host = host
+        self.port = port
+        self._text = text
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5.0)
+            with contextlib.suppress(Exception):  # drain the headers we do not need
+                while (await asyncio.wait_for(reader.readline(), 1.0)) not in (b"\r\n", b"\n", b""):
+                    pass
+            parts = request.decode("latin-1").split()
+            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
+                body = self._text().encode()
+                head = (f"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+            else:
+                body = b"not found\n"
+                head = f"HTTP/1.0 404 Not Found\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            writer.write(head + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()

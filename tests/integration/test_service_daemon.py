@@ -115,7 +115,12 @@ def test_metrics_file() -> None:
     root = Path(tempfile.mkdtemp(prefix="mq-", dir="/tmp"))
     root.chmod(0o711)  # the unprivileged QEMU must reach its guest directory below
     metrics = root / "metrics.prom"
-    svc = Service(root, args=("--metrics-file", str(metrics)))
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    svc = Service(root, args=("--metrics-file", str(metrics), "--metrics-listen", f"127.0.0.1:{port}"))
     svc.start()
     try:
         svc.cli("define", str(write_spec(root, "m1", TESTDEV)))
@@ -130,6 +135,18 @@ def test_metrics_file() -> None:
         assert 'mpqemu_device_health{guest="m1",device="t0",state="healthy"} 1' in text
         assert 'mpqemu_guest_running{guest="m1"} 1' in text
         assert "mpqemu_device_restarts_total" in text
+        import urllib.error
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            scraped = resp.read().decode()
+        assert 'mpqemu_device_health{guest="m1",device="t0",state="healthy"} 1' in scraped
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+            raise AssertionError("only /metrics is served")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
         svc.cli("stop", "m1", "--force")
     finally:
         import signal
