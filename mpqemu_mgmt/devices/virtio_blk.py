@@ -24,7 +24,7 @@ files, or raise on guest input.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 from mpqemu_mgmt.devices.base import DeviceHost
 from mpqemu_mgmt.devices.function import PciFunction
@@ -90,6 +90,33 @@ def _split_front(views: tuple[memoryview, ...], skip: int) -> list[memoryview]:
     return out
 
 
+class _Rw(NamedTuple):
+    """An IN or OUT request that passed its checks and waits for the backend."""
+
+    write: bool
+    sector: int
+    views: list[memoryview]
+    size: int
+    last: memoryview
+    n: int
+
+
+#: most iovecs one preadv/pwritev may carry (IOV_MAX), and most bytes one merged call moves
+_IOV_MAX = 1024
+_MERGE_MAX = 16 << 20
+
+
+def _joins(group: list[_Rw], rw: _Rw) -> bool:
+    """May ``rw`` ride along with ``group``? Same direction, next sector, within limits."""
+    tail = group[-1]
+    return (
+        tail.write == rw.write
+        and tail.sector + tail.size // SECTOR_SIZE == rw.sector
+        and sum(len(g.views) for g in group) + len(rw.views) <= _IOV_MAX
+        and sum(g.size for g in group) + rw.size <= _MERGE_MAX
+    )
+
+
 def _front(writable: tuple[memoryview, ...], last: memoryview, n: int) -> list[memoryview]:
     """The device-writable buffers without the trailing status byte (``iov_discard_back``)."""
     data = list(writable[:-1])
@@ -151,6 +178,40 @@ class BlkRequests:
 
     def handle_chain(self, queue: int, chain: Chain) -> int:
         """Serve one request; mirrors ``virtio_blk_handle_request``."""
+        lens, error = self.handle_batch(queue, [chain])
+        if error is not None:
+            raise error
+        return lens[0]
+
+    def handle_batch(self, queue: int, chains: list[Chain]) -> tuple[list[int], VirtqueueError | None]:
+        """Serve ``chains`` in ring order; return the used lengths of those served.
+
+        Mirrors ``virtio_blk_handle_vq`` + ``virtio_blk_submit_multireq``: runs of IN (or OUT)
+        requests on consecutive sectors become one ``preadv`` (``pwritev``); anything else first
+        completes what is pending, so a FLUSH covers every write before it. A malformed chain
+        stops the batch there (``virtio_error``): the ones before it are served and the error
+        is returned with their lengths.
+        """
+        lens: list[int] = []
+        pending: list[_Rw] = []
+        error: VirtqueueError | None = None
+        for chain in chains:
+            try:
+                rw = self._parse(chain, lens, pending)
+            except VirtqueueError as exc:
+                error = exc
+                break
+            if rw is not None:
+                if pending and not _joins(pending, rw):
+                    self._submit(pending)
+                    pending = []
+                pending.append(rw)
+        if pending:
+            self._submit(pending)
+        return lens, error
+
+    def _parse(self, chain: Chain, lens: list[int], pending: list[_Rw]) -> _Rw | None:
+        """Check one chain; serve it at once unless it is an IN/OUT that needs the backend."""
         readable, writable = chain.readable, chain.writable
         if not readable or not writable:
             raise VirtqueueError("virtio-blk missing headers")
@@ -166,22 +227,51 @@ class BlkRequests:
         # (struct virtio_blk_inhdr); used.len is every writable byte, status included.
         last = writable[-1]
         n = last.nbytes
-        in_len = n if len(writable) == 1 else sum(v.nbytes for v in writable)
+        lens.append(n if len(writable) == 1 else sum(v.nbytes for v in writable))
         # mirrors the switch in virtio_blk_handle_request: it dispatches on the type without
         # VIRTIO_BLK_T_OUT and VIRTIO_BLK_T_BARRIER, so e.g. FLUSH|OUT is still a flush.
         kind = rtype & ~(BLK_T_OUT | BLK_T_BARRIER)
         if kind == BLK_T_IN:
-            if rtype & BLK_T_OUT:
-                data = list(readable[1:]) if first.nbytes == BLK_OUTHDR_SIZE else _split_front(
-                    readable, BLK_OUTHDR_SIZE
-                )
-                status = self._write(sector, data)
+            write = bool(rtype & BLK_T_OUT)
+            if write:
+                self.counters["out"] += 1
+                if first.nbytes == BLK_OUTHDR_SIZE:
+                    views = list(readable[1:])
+                else:
+                    views = _split_front(readable, BLK_OUTHDR_SIZE)
             else:
-                status = self._read(sector, _front(writable, last, n))
-        else:
-            status = self._other(kind, chain, _front(writable, last, n))
-        last[n - 1] = status
-        return in_len
+                self.counters["in"] += 1
+                views = _front(writable, last, n)
+            size = sum(v.nbytes for v in views)
+            if not self._range_ok(sector, size) or (write and self.backend.readonly):
+                # out of range, or blk_aio_pwritev on a read-only BlockBackend (-EACCES): IOERR
+                last[n - 1] = self._ioerr()
+                return None
+            return _Rw(write, sector, views, size, last, n)
+        # Not a data request: complete what is pending first (virtio_blk_handle_flush submits
+        # the queued writes before it flushes), then serve it.
+        if pending:
+            self._submit(pending)
+            pending.clear()
+        last[n - 1] = self._other(kind, chain, _front(writable, last, n))
+        return None
+
+    def _submit(self, group: list[_Rw]) -> None:
+        """One backend call for a run of same-direction, back-to-back requests."""
+        head = group[0]
+        views = head.views if len(group) == 1 else [v for rw in group for v in rw.views]
+        try:
+            if head.write:
+                self.backend.writev(head.sector * SECTOR_SIZE, views)
+            else:
+                self.backend.readv(head.sector * SECTOR_SIZE, views)
+            status = BLK_S_OK
+        except OSError:
+            # like virtio_blk_rw_complete for a merged request: every member fails
+            self.counters["ioerr"] += len(group) - 1
+            status = self._ioerr()
+        for rw in group:
+            rw.last[rw.n - 1] = status
 
     def _other(self, kind: int, chain: Chain, data_in: list[memoryview]) -> int:
         if kind == BLK_T_FLUSH:
@@ -215,31 +305,6 @@ class BlkRequests:
         if size % SECTOR_SIZE or nb > MAX_REQUEST_SECTORS:
             return False
         return sector <= self._capacity and nb <= self._capacity - sector
-
-    def _read(self, sector: int, views: list[memoryview]) -> int:
-        self.counters["in"] += 1
-        size = sum(v.nbytes for v in views)
-        if not self._range_ok(sector, size):
-            return self._ioerr()
-        try:
-            self.backend.readv(sector * SECTOR_SIZE, views)
-        except OSError:
-            return self._ioerr()
-        return BLK_S_OK
-
-    def _write(self, sector: int, views: list[memoryview]) -> int:
-        self.counters["out"] += 1
-        size = sum(v.nbytes for v in views)
-        if not self._range_ok(sector, size):
-            return self._ioerr()
-        if self.backend.readonly:
-            # blk_aio_pwritev on a read-only BlockBackend fails with -EACCES → IOERR
-            return self._ioerr()
-        try:
-            self.backend.writev(sector * SECTOR_SIZE, views)
-        except OSError:
-            return self._ioerr()
-        return BLK_S_OK
 
 
 class VirtioBlk(PciFunction):

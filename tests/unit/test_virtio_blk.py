@@ -61,6 +61,7 @@ class MemBackend:
         self._ro = readonly
         self.fail = fail
         self.flushes = 0
+        self.calls: list[tuple[str, int, int]] = []
 
     @property
     def size(self) -> int:
@@ -71,6 +72,7 @@ class MemBackend:
         return self._ro
 
     def readv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        self.calls.append(("r", offset, sum(b.nbytes for b in buffers)))
         if self.fail:
             raise OSError(5, "EIO")
         for b in buffers:
@@ -78,6 +80,7 @@ class MemBackend:
             offset += b.nbytes
 
     def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        self.calls.append(("w", offset, sum(b.nbytes for b in buffers)))
         if self.fail:
             raise OSError(5, "EIO")
         for b in buffers:
@@ -404,3 +407,24 @@ def test_hostile_requests_never_crash(chain: list[tuple[int, int, int]], header:
     # The device still answers its registers and can be brought back.
     r.drv.init()
     assert r.drv.write(1, b"k" * 512).status == BLK_S_OK
+
+
+def test_back_to_back_requests_become_one_backend_call() -> None:
+    """virtio_blk_submit_multireq: neighbours in ring order merge; direction or FLUSH splits."""
+    r = Rig()
+    reqs = [Request(BLK_T_OUT, 8 * i, data=bytes([i]) * 4096, seg_size=1024) for i in range(4)]
+    reqs += [Request(BLK_T_IN, 8 * i, read_len=4096) for i in range(4)]
+    reqs += [Request(BLK_T_IN, 100, read_len=512), Request(BLK_T_FLUSH), Request(BLK_T_IN, 101, read_len=512)]
+    done = r.drv.run(reqs)
+    assert [c.status for c in done] == [BLK_S_OK] * len(reqs)
+    assert [c.data for c in done[4:8]] == [bytes([i]) * 4096 for i in range(4)]
+    assert r.backend.calls == [("w", 0, 16384), ("r", 0, 16384), ("r", 51200, 512), ("r", 51712, 512)]
+    assert r.backend.flushes == 1
+
+
+def test_merged_request_failure_fails_every_member() -> None:
+    r = Rig(MemBackend(fail=True))
+    done = r.drv.run([Request(BLK_T_IN, 8 * i, read_len=4096) for i in range(3)])
+    assert [c.status for c in done] == [BLK_S_IOERR] * 3
+    assert len(r.backend.calls) == 1
+    assert r.dev.requests.counters["ioerr"] == 3

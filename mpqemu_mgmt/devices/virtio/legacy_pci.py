@@ -64,6 +64,10 @@ TRANSPORT_FEATURES = (
 )
 
 
+#: chains handed to the device logic at once (so it can merge neighbouring requests)
+_BATCH = 64
+
+
 class VirtioDeviceLogic(Protocol):
     """The device-type half of a virtio device (what QEMU's ``VirtioDeviceClass`` provides)."""
 
@@ -78,8 +82,12 @@ class VirtioDeviceLogic(Protocol):
 
     def config_write(self, offset: int, size: int, value: int) -> None: ...
 
-    def handle_chain(self, queue: int, chain: Chain) -> int:
-        """Serve one request; return the number of bytes written for the used element."""
+    def handle_batch(self, queue: int, chains: list[Chain]) -> tuple[list[int], VirtqueueError | None]:
+        """Serve popped chains in order; return the used lengths of the ones served.
+
+        If a chain is malformed, serve those before it and return the error with their lengths
+        (the device then needs a reset).
+        """
         ...
 
     def set_features(self, features: int) -> None: ...
@@ -293,11 +301,23 @@ class LegacyVirtioPci:
             with q.session(mem) as ring:
                 try:
                     while True:
-                        while (chain := ring.pop()) is not None:
-                            written = self.logic.handle_chain(index, chain)
-                            ring.push(chain, written)
-                            pushed += 1
-                        if not ring.enable_notification():
+                        batch: list[Chain] = []
+                        pop_error: VirtqueueError | None = None
+                        try:
+                            while len(batch) < _BATCH and (chain := ring.pop()) is not None:
+                                batch.append(chain)
+                        except VirtqueueError as exc:
+                            pop_error = exc
+                        if batch:
+                            lens, error = self.logic.handle_batch(index, batch)
+                            for done, length in zip(batch, lens, strict=False):
+                                ring.push(done, length)
+                            pushed += len(lens)
+                            if error is not None:
+                                raise error
+                        if pop_error is not None:
+                            raise pop_error
+                        if len(batch) < _BATCH and not ring.enable_notification():
                             break
                 finally:
                     self.requests += pushed
