@@ -72,3 +72,28 @@ def resolve(profile: ConfinementProfile) -> Credentials:
 def rlimit_argv(limits: Rlimits, prlimit: str = "prlimit") -> list[str]:
     """``prlimit --nofile=N:N ... --`` (pure); soft = hard so the remote cannot raise them."""
     return [prlimit, *(f"--{name}={value}:{value}" for name, value in limits.as_pairs().items()), "--"]
+
+
+def unreachable_ancestor(path: str, uid: int, gid: int) -> str | None:
+    """The first directory on ``path`` that ``uid``/``gid`` cannot search, or None.
+
+    bwrap runs after the uid drop, so every path it binds into the sandbox must be searchable by
+    the dropped uid: a checkout under a 0700 home directory would otherwise fail deep inside bwrap
+    with a bare "No such file or directory".
+    """
+    current = "/"
+    for part in [p for p in os.path.normpath(path).split("/") if p]:
+        try:
+            st = os.stat(current)
+        except OSError:
+            return current
+        if st.st_uid == uid:
+            bit = 0o100
+        elif st.st_gid == gid:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not st.st_mode & bit:
+            return current
+        current = os.path.join(current, part)
+    return None

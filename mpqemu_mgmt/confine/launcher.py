@@ -359,7 +359,16 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
         if profile.namespaces:
             info_r, info_w = os.pipe2(os.O_CLOEXEC)
             owned.append(info_w)
-            sandbox = namespaces.Sandbox(ro_binds=_code_paths(request, profile),
+            binds = _code_paths(request, profile)
+            if creds.drop:
+                for bind in binds:
+                    blocked = credentials.unreachable_ancestor(bind, creds.uid, creds.gid)
+                    if blocked is not None:
+                        raise ConfinementError(
+                            f"{bind} is not reachable by the remote's uid {creds.uid}: {blocked} is "
+                            "not searchable by it (move the checkout, or configure another uid)",
+                            path=bind, blocked=blocked)
+            sandbox = namespaces.Sandbox(ro_binds=binds,
                                          symlinks=_host_symlinks(),
                                          die_with_parent=profile.die_with_parent)
             bwrap = shutil.which(profile.bwrap) or profile.bwrap

@@ -56,12 +56,14 @@ def bwrap_argv(bwrap: str, sandbox: Sandbox, inner: Sequence[str], *, info_fd: i
     argv += ["--ro-bind", "/usr", "/usr"]
     for target, link in sandbox.symlinks:
         argv += ["--symlink", target, link]
+    # bwrap applies its operations in order: the tmpfs /tmp comes before the code binds, so a
+    # checkout or venv that lives under /tmp is bound on top of it instead of being hidden by it.
+    argv += ["--size", str(TMP_SIZE), "--tmpfs", "/tmp"]
     for path in sandbox.ro_binds:
         argv += ["--ro-bind", path, path]
     argv += [
         "--proc", "/proc",
         "--dev", "/dev",
-        "--size", str(TMP_SIZE), "--tmpfs", "/tmp",
         "--chdir", "/",
         "--info-fd", str(info_fd),
         "--",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mpqemu_mgmt.confine.credentials import rlimit_argv
@@ -120,3 +122,28 @@ def test_readonly_backing() -> None:
     joined = " ".join(argv)
     assert joined.count("-add-fd") == 1 and "fd=5,set=1" in joined
     assert "format=raw,file.locking=off,readonly=on" in joined
+
+
+def test_unreachable_ancestor_names_the_blocking_directory() -> None:
+    import os
+    import tempfile
+
+    from mpqemu_mgmt.confine.credentials import unreachable_ancestor
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as top:  # /tmp itself is searchable by all
+        os.chmod(top, 0o755)
+        locked = Path(top) / "home"
+        (locked / "repo").mkdir(parents=True)
+        os.chmod(locked, 0o700)
+        nobody = 65534
+        assert unreachable_ancestor(str(locked / "repo"), nobody, nobody) == str(locked)
+        os.chmod(locked, 0o755)
+        assert unreachable_ancestor(str(locked / "repo"), nobody, nobody) is None
+
+
+def test_tmpfs_tmp_comes_before_code_binds_under_tmp() -> None:
+    from mpqemu_mgmt.confine import namespaces
+
+    sandbox = namespaces.Sandbox(ro_binds=("/tmp/checkout/.venv",), symlinks=(), die_with_parent=True)
+    argv = namespaces.bwrap_argv("bwrap", sandbox, ["python"], info_fd=5)
+    assert argv.index("--tmpfs") < argv.index("/tmp/checkout/.venv")
