@@ -173,7 +173,7 @@ class _BaseDriver:
             # A device_add that timed out can complete later (realize resumes once the hung remote is
             # killed) and the one-shot unplug of the rollback needs the guest's help. If QEMU still
             # has the device, keep it in the spec (remote-less) so a detach can remove it later.
-            if await _plugged(channel, device.id):
+            if await _plugged(channel, device.id) is True:
                 runtime.spec = runtime.spec.with_device(device)
                 exc.details["still_plugged"] = device.id
             raise
@@ -182,11 +182,11 @@ class _BaseDriver:
 
     async def detach(self, runtime: GuestRuntime, device_id: str) -> None:
         plan = self.plan(runtime, "detach", device_id=device_id)
+        channel = await self.channel(runtime)
         try:
-            await self._run(runtime, plan, {d.id: d for d in runtime.spec.devices},
-                            await self.channel(runtime))
+            await self._run(runtime, plan, {d.id: d for d in runtime.spec.devices}, channel)
         except Exception:
-            if device_id not in runtime.remotes:
+            if await _plugged(channel, device_id) is False:
                 # device_del completed, then a later step failed: the rollback stopped the remote.
                 runtime.spec = runtime.spec.without_device(device_id)
             raise
@@ -194,11 +194,11 @@ class _BaseDriver:
 
     async def reset(self, runtime: GuestRuntime, device_id: str | None = None) -> None:
         plan = self.plan(runtime, "reset", device_id=device_id)
+        channel = await self.channel(runtime)
         try:
-            await self._run(runtime, plan, {d.id: d for d in runtime.spec.devices},
-                            await self.channel(runtime))
+            await self._run(runtime, plan, {d.id: d for d in runtime.spec.devices}, channel)
         except Exception:
-            if device_id is not None and device_id not in runtime.remotes:
+            if device_id is not None and await _plugged(channel, device_id) is False:
                 # The unplug half completed and the plug half rolled back: the device is gone.
                 runtime.spec = runtime.spec.without_device(device_id)
             raise
@@ -254,13 +254,15 @@ class _VmOps:
         await self._driver.stop_vm(step, runtime, channel)
 
 
-async def _plugged(channel: MonitorChannel, device_id: str) -> bool:
-    """Does QEMU still have ``/machine/peripheral/<id>``? False when it cannot tell."""
+async def _plugged(channel: MonitorChannel, device_id: str) -> bool | None:
+    """Does QEMU still have ``/machine/peripheral/<id>``? None when it cannot tell."""
     try:
         items = await channel.execute("qom-list", {"path": "/machine/peripheral"}, timeout=5.0)
     except Exception:
-        return False
-    return isinstance(items, list) and any(isinstance(i, dict) and i.get("name") == device_id for i in items)
+        return None
+    if not isinstance(items, list):
+        return None
+    return any(isinstance(i, dict) and i.get("name") == device_id for i in items)
 
 
 def close_pidfd_main(runtime: GuestRuntime) -> None:
