@@ -46,7 +46,7 @@ class ConfinedLauncher:
                                      device=device_id)
         request = LaunchRequest(
             device_id=device_id, model=device.model, qmp_path=Path(qmp_path), backend=device.backend,
-            transport=device.transport, backing=(Path(backing),) if backing else (),
+            transport=device.transport, backing=(Path(backing),) if backing else (), readonly=readonly,
             qemu_binary=qemu_binary, qemu_props=tuple(f"{k}={v}" for k, v in device.props),
             log_path=Path(log_path),
         )

@@ -92,6 +92,8 @@ def remote_argv(spec: GuestSpec, dev: DeviceSpec, paths: GuestPaths) -> tuple[st
             argv += ["--transport", dev.transport]
         if dev.backing is not None:
             argv += ["--backing-fd", BACKING_FD_PLACEHOLDER]
+            if dev.readonly:
+                argv += ["--readonly"]
         argv += ["--seccomp", "enforce"]
         return tuple(argv)
     props = "".join(f",{k}={v}" for k, v in dev.props)

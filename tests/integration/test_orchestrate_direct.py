@@ -205,3 +205,31 @@ def test_confined_remotes(state_root: Path) -> None:  # noqa: F811
             assert not pid_alive(pid)
 
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+@pytest.mark.parametrize("readonly", [True, False])
+def test_backing_file_device(readonly: bool, state_root: Path) -> None:  # noqa: F811
+    """virtio-blk with a backing file: the launcher opens it (read-only when asked) and passes the fd."""
+    disk = state_root / "disk.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    s = parse_spec(f'name = "blk"\n[[device]]\nid = "vd0"\nmodel = "virtio-blk"\n'
+                   f'backing = "{disk}"\nreadonly = {"true" if readonly else "false"}\n')
+
+    async def main() -> None:
+        driver = DirectDriver(state_root, run_as=RUN_AS)
+        runtime = await driver.start(s)
+        try:
+            remote = runtime.remotes["vd0"]
+            fds = [os.readlink(f"/proc/{remote.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{remote.pid}/fd")]
+            assert str(disk) in fds, fds
+            flags = [
+                int(Path(f"/proc/{remote.pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+                for fd in os.listdir(f"/proc/{remote.pid}/fd")
+                if os.readlink(f"/proc/{remote.pid}/fd/{fd}") == str(disk)
+            ]
+            assert all((f & os.O_ACCMODE) == (os.O_RDONLY if readonly else os.O_RDWR) for f in flags), flags
+            assert "vd0" in await _ids(driver, runtime)
+        finally:
+            await driver.stop(runtime, force=True)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
