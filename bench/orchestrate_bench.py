@@ -116,6 +116,15 @@ async def main() -> int:
         goal_attach = results.get("attach/confined/builtin") or results["attach/plain/builtin"]
         goal_start = results.get("start16/confined") or results["start16/plain"]
         assert isinstance(goal_attach, dict) and isinstance(goal_start, dict)
+        stock = results.get("attach/confined/qemu") or results["attach/plain/qemu"]
+        assert isinstance(stock, dict)
+        print(f"ratio attach builtin/stock remote (median): "
+              f"{goal_attach['median_ms'] / stock['median_ms']:.2f}")
+        if "attach/confined/builtin" in results:
+            plain = results["attach/plain/builtin"]
+            assert isinstance(plain, dict)
+            print(f"ratio attach confined/plain (builtin, median): "
+                  f"{goal_attach['median_ms'] / plain['median_ms']:.2f}")
         print(f"goal attach ≤ 150 ms (confined builtin, median): {goal_attach['median_ms']} ms")
         print(f"goal 16 remotes start→running ≤ 3000 ms (median): {goal_start['median_ms']} ms")
     return 0

@@ -239,3 +239,31 @@ def test_refused_device_add_is_not_unsure() -> None:
     with pytest.raises(QmpCommandError):
         run(r.run(plan_for(SPEC, "attach", device=DeviceSpec(id="c", model="edu"))))
     assert "device_del" not in log
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=0, max_value=5), st.data())
+def test_any_start_any_failure_point(n: int, data: st.DataObject) -> None:
+    """For any number of devices and any failing step, every resource taken is given back."""
+    text = 'name = "g"\n' + "".join(f'[[device]]\nid = "d{i}"\nmodel = "edu"\n' for i in range(n))
+    spec = parse_spec(text)
+    plan = plan_for(spec, "start")
+    at = data.draw(st.integers(min_value=0, max_value=len(plan.steps) - 1))
+    log = Log()
+    launcher = FakeLauncher(log)
+
+    def before(index: int, step: Step) -> None:
+        if index == at:
+            raise OrchestrationError("injected")
+
+    rt = GuestRuntime(spec, "direct", "/s", 0, "/s/qmp.sock", "/s/console.log")
+    r = Runner(rt, FakeVm(log, FakeChannel(log)), launcher, None, {d.id: d for d in spec.devices},
+               before_step=before)
+    with pytest.raises(OrchestrationError):
+        run(r.run(plan))
+    launched = {e.split()[1] for e in log if e.startswith("launch ")}
+    stopped = {e.split()[1] for e in log if e.startswith("stop ") and not e.startswith("stop-vm")}
+    assert launched == stopped and not rt.remotes
+    assert log.count("getfd") == log.count("closefd")
+    assert ("launch-vm" in log) == ("stop-vm force" in log)
+    assert all(s.fileno() == -1 for s in launcher.socks)
