@@ -142,8 +142,8 @@ def test_sigstopped_main_qemu_is_reported_never_killed(service: Service) -> None
         time.sleep(1.0)
         assert alive(main)  # type: ignore[arg-type]  # a busy or blocked main QEMU is reported, not killed
     finally:
+        t1 = time.time()  # before SIGCONT: the answer may be recorded before this process runs again
         os.kill(main, signal.SIGCONT)  # type: ignore[arg-type]
-    t1 = time.time()
     deadline = time.monotonic() + 10
     while not any(e["kind"] == "healthy" and e["device"] is None and e["time"] >= t1
                   for e in service.events("u1")):
