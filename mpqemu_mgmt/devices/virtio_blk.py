@@ -101,20 +101,19 @@ class _Rw(NamedTuple):
     n: int
 
 
+class _Other(NamedTuple):
+    """A request that is not IN/OUT (FLUSH, GET_ID, unknown), served in ring order."""
+
+    kind: int
+    chain: Chain
+    data_in: list[memoryview]
+    last: memoryview
+    n: int
+
+
 #: most iovecs one preadv/pwritev may carry (IOV_MAX), and most bytes one merged call moves
 _IOV_MAX = 1024
 _MERGE_MAX = 16 << 20
-
-
-def _joins(group: list[_Rw], rw: _Rw) -> bool:
-    """May ``rw`` ride along with ``group``? Same direction, next sector, within limits."""
-    tail = group[-1]
-    return (
-        tail.write == rw.write
-        and tail.sector + tail.size // SECTOR_SIZE == rw.sector
-        and sum(len(g.views) for g in group) + len(rw.views) <= _IOV_MAX
-        and sum(g.size for g in group) + rw.size <= _MERGE_MAX
-    )
 
 
 def _front(writable: tuple[memoryview, ...], last: memoryview, n: int) -> list[memoryview]:
@@ -194,24 +193,43 @@ class BlkRequests:
         """
         lens: list[int] = []
         pending: list[_Rw] = []
+        iovs = size = 0
         error: VirtqueueError | None = None
         for chain in chains:
             try:
-                rw = self._parse(chain, lens, pending)
+                req = self._parse(chain, lens)
             except VirtqueueError as exc:
                 error = exc
                 break
-            if rw is not None:
-                if pending and not _joins(pending, rw):
+            if req is None:
+                continue
+            if isinstance(req, _Other):
+                # Not a data request: complete what is pending first (virtio_blk_handle_flush
+                # submits the queued writes before it flushes), then serve it.
+                if pending:
                     self._submit(pending)
-                    pending = []
-                pending.append(rw)
+                    pending, iovs, size = [], 0, 0
+                req.last[req.n - 1] = self._other(req.kind, req.chain, req.data_in)
+                continue
+            if pending:
+                tail = pending[-1]
+                if not (
+                    tail.write == req.write
+                    and tail.sector + tail.size // SECTOR_SIZE == req.sector
+                    and iovs + len(req.views) <= _IOV_MAX
+                    and size + req.size <= _MERGE_MAX
+                ):
+                    self._submit(pending)
+                    pending, iovs, size = [], 0, 0
+            pending.append(req)
+            iovs += len(req.views)
+            size += req.size
         if pending:
             self._submit(pending)
         return lens, error
 
-    def _parse(self, chain: Chain, lens: list[int], pending: list[_Rw]) -> _Rw | None:
-        """Check one chain; serve it at once unless it is an IN/OUT that needs the backend."""
+    def _parse(self, chain: Chain, lens: list[int]) -> _Rw | _Other | None:
+        """Check one chain and record its used length; None if it is already answered."""
         readable, writable = chain.readable, chain.writable
         if not readable or not writable:
             raise VirtqueueError("virtio-blk missing headers")
@@ -227,34 +245,28 @@ class BlkRequests:
         # (struct virtio_blk_inhdr); used.len is every writable byte, status included.
         last = writable[-1]
         n = last.nbytes
-        lens.append(n if len(writable) == 1 else sum(v.nbytes for v in writable))
+        lens.append(chain.writable_len)
         # mirrors the switch in virtio_blk_handle_request: it dispatches on the type without
         # VIRTIO_BLK_T_OUT and VIRTIO_BLK_T_BARRIER, so e.g. FLUSH|OUT is still a flush.
         kind = rtype & ~(BLK_T_OUT | BLK_T_BARRIER)
-        if kind == BLK_T_IN:
-            write = bool(rtype & BLK_T_OUT)
-            if write:
-                self.counters["out"] += 1
-                if first.nbytes == BLK_OUTHDR_SIZE:
-                    views = list(readable[1:])
-                else:
-                    views = _split_front(readable, BLK_OUTHDR_SIZE)
-            else:
-                self.counters["in"] += 1
-                views = _front(writable, last, n)
-            size = sum(v.nbytes for v in views)
-            if not self._range_ok(sector, size) or (write and self.backend.readonly):
-                # out of range, or blk_aio_pwritev on a read-only BlockBackend (-EACCES): IOERR
-                last[n - 1] = self._ioerr()
-                return None
-            return _Rw(write, sector, views, size, last, n)
-        # Not a data request: complete what is pending first (virtio_blk_handle_flush submits
-        # the queued writes before it flushes), then serve it.
-        if pending:
-            self._submit(pending)
-            pending.clear()
-        last[n - 1] = self._other(kind, chain, _front(writable, last, n))
-        return None
+        if kind != BLK_T_IN:
+            return _Other(kind, chain, _front(writable, last, n), last, n)
+        write = bool(rtype & BLK_T_OUT)
+        if write:
+            self.counters["out"] += 1
+            views = list(readable[1:]) if first.nbytes == BLK_OUTHDR_SIZE else _split_front(
+                readable, BLK_OUTHDR_SIZE
+            )
+            size = chain.readable_len - BLK_OUTHDR_SIZE
+        else:
+            self.counters["in"] += 1
+            views = _front(writable, last, n)
+            size = chain.writable_len - 1
+        if not self._range_ok(sector, size) or (write and self.backend.readonly):
+            # out of range, or blk_aio_pwritev on a read-only BlockBackend (-EACCES): IOERR
+            last[n - 1] = self._ioerr()
+            return None
+        return _Rw(write, sector, views, size, last, n)
 
     def _submit(self, group: list[_Rw]) -> None:
         """One backend call for a run of same-direction, back-to-back requests."""
