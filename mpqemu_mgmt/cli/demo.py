@@ -279,6 +279,19 @@ async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> Non
         summary.figures["whole demo"] = f"{time.monotonic() - t_all:.1f} s"
 
 
+def _reap_leftovers(state: Path) -> None:
+    from mpqemu_mgmt.service.paths import StatePaths
+    from mpqemu_mgmt.service.procfs import proc_start_time
+    from mpqemu_mgmt.service.store import StateStore
+
+    for rec in StateStore(StatePaths(state, state)).load_all():
+        procs = [d.proc for d in rec.devices if d.proc] + ([rec.main] if rec.main else [])
+        for proc in procs:
+            if proc.start_time and proc_start_time(proc.pid) == proc.start_time:
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, signal.SIGKILL)
+
+
 def run_demo(ctx: Any, keep: bool = False) -> int:
     """The ``demo`` command. Returns the exit code."""
     def out(text: str) -> None:
@@ -290,11 +303,21 @@ def run_demo(ctx: Any, keep: bool = False) -> int:
     out("mpqemu-mgmt demo: one guest, PCI devices in confined processes, supervised")
     out(f"(scratch state in {root}; the demo runs its own service instance)\n")
     error: MpqemuError | None = None
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C does
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         asyncio.run(_demo(out, root, summary))
     except MpqemuError as exc:
         error = exc
         summary.ok = False
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        # Ctrl-C or a failure half way: whatever the demo started must not outlive it (remotes are
+        # launched to survive a service restart, so nothing else would take them down).
+        _reap_leftovers(root / "state")
     out("\nSummary")
     for title, dt, note in summary.steps:
         out(f"  {title:<36} {dt:6.1f} s  {note}")
