@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, check_fd_passing
-from mpqemu_mgmt.errors import MpqemuError, NotFoundError, OrchestrationError, ProcessFailed
+from mpqemu_mgmt.errors import MpqemuError, NotFoundError, OrchestrationError, ProcessFailed, RefusedError
 from mpqemu_mgmt.orchestrate import plans
 from mpqemu_mgmt.orchestrate.channel import LibvirtChannel, MonitorChannel, QmpChannel
 from mpqemu_mgmt.orchestrate.plans import Plan, Step
@@ -54,6 +54,7 @@ from mpqemu_mgmt.orchestrate.processes import (
     prepare_dir,
     resolve_user,
     terminate,
+    unreachable_for,
     wait_exit,
     wait_for_socket,
 )
@@ -285,6 +286,23 @@ class DirectDriver(_BaseDriver):
 
     def _owner(self) -> tuple[int, int] | None:
         return self._user
+
+    async def start(self, spec: GuestSpec) -> GuestRuntime:
+        if self._user is not None:
+            # QEMU drops to run_as before it opens anything: refuse now, with the reason, rather
+            # than let it fail on "could not load kernel" or a socket it cannot bind.
+            uid, gid = self._user
+            self.state_root.mkdir(parents=True, exist_ok=True)
+            checks = [(str(self.state_root), os.X_OK)]
+            if spec.boot is not None:
+                checks += [(p, os.R_OK) for p in (spec.boot.kernel, spec.boot.initrd) if p]
+            for path, need in checks:
+                why = unreachable_for(path, uid, gid, need=need)
+                if why is not None:
+                    raise RefusedError(
+                        f"guest {spec.name!r}: QEMU runs as {self.run_as!r} (uid {uid}) and cannot use "
+                        f"{path}: {why}", guest=spec.name, path=path, user=self.run_as)
+        return await super().start(spec)
 
     async def _connect(self, runtime: GuestRuntime) -> MonitorChannel:
         if runtime.qmp_path is None:

@@ -140,6 +140,38 @@ def resolve_user(name: str | None) -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
+def unreachable_for(path: str, uid: int, gid: int, *, need: int = os.R_OK) -> str | None:
+    """Why ``uid``/``gid`` (no supplementary groups) cannot reach ``path``, or None if it can.
+
+    Checks search permission on every parent and ``need`` (R_OK/W_OK/X_OK) on the path itself by the
+    mode bits, as the kernel would for that user (no ACLs). Used before exec'ing QEMU as an
+    unprivileged user, so "cannot open the kernel" becomes a clear refusal instead of a QEMU error.
+    """
+    def allowed(st: os.stat_result, bit: int) -> bool:
+        if st.st_uid == uid:
+            return bool(st.st_mode & (bit << 6))
+        if st.st_gid == gid:
+            return bool(st.st_mode & (bit << 3))
+        return bool(st.st_mode & bit)
+
+    target = Path(path).absolute()
+    for parent in reversed(target.parents):
+        try:
+            st = os.stat(parent)
+        except OSError as exc:
+            return f"{parent}: {exc.strerror}"
+        if not allowed(st, 1):
+            return f"{parent} (mode {stat.filemode(st.st_mode)}, owner {st.st_uid}) is not searchable"
+    try:
+        st = os.stat(target)
+    except OSError as exc:
+        return f"{target}: {exc.strerror}"
+    bit, what = {os.R_OK: (4, "readable"), os.W_OK: (2, "writable"), os.X_OK: (1, "searchable")}[need]
+    if not allowed(st, bit):
+        return f"{target} (mode {stat.filemode(st.st_mode)}, owner {st.st_uid}) is not {what}"
+    return None
+
+
 def prepare_dir(path: str, owner: tuple[int, int] | None, mode: int = 0o700) -> None:
     """The guest's state directory, writable by the unprivileged user our QEMUs run as.
 

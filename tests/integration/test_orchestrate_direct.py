@@ -233,3 +233,22 @@ def test_backing_file_device(readonly: bool, state_root: Path) -> None:  # noqa:
             await driver.stop(runtime, force=True)
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_unreadable_kernel_is_refused_up_front(state_root: Path) -> None:  # noqa: F811
+    if RUN_AS is None:
+        pytest.skip("only meaningful when QEMU drops to an unprivileged user (root)")
+    secret = state_root / "private"
+    secret.mkdir(mode=0o700)
+    (secret / "vmlinuz").write_bytes(b"not a kernel")
+    s = parse_spec(f'name = "k"\n[boot]\nkernel = "{secret}/vmlinuz"\n')
+
+    async def main() -> None:
+        from mpqemu_mgmt.errors import RefusedError
+
+        with pytest.raises(RefusedError, match="not searchable") as info:
+            await DirectDriver(state_root, run_as=RUN_AS).start(s)
+        assert info.value.exit_code == 3 and info.value.details["path"].endswith("vmlinuz")
+        assert not (state_root / "k").exists()  # nothing changed
+
+    asyncio.run(main())
