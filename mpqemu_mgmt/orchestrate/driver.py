@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, check_fd_passing
 from mpqemu_mgmt.errors import MpqemuError, NotFoundError, OrchestrationError, ProcessFailed, RefusedError
-from mpqemu_mgmt.orchestrate import plans
+from mpqemu_mgmt.orchestrate import capabilities, plans
 from mpqemu_mgmt.orchestrate.channel import LibvirtChannel, MonitorChannel, QmpChannel
 from mpqemu_mgmt.orchestrate.plans import Plan, Step
 from mpqemu_mgmt.orchestrate.processes import (
@@ -145,6 +145,7 @@ class _BaseDriver:
 
     async def start(self, spec: GuestSpec) -> GuestRuntime:
         check_fd_passing(spec)
+        await capabilities.check(spec.qemu_binary, spec.devices)
         state_dir = self.state_dir(spec)
         prepare_dir(state_dir, self._owner(), self._dir_mode)
         paths = GuestPaths(state_dir)
@@ -166,6 +167,7 @@ class _BaseDriver:
 
     async def attach(self, runtime: GuestRuntime, device: DeviceSpec) -> RemoteRuntime:
         plan = self.plan(runtime, "attach", device=device)
+        await capabilities.check(runtime.spec.qemu_binary, [device])
         devices = {d.id: d for d in runtime.spec.devices} | {device.id: device}
         channel = await self.channel(runtime)
         try:

@@ -252,3 +252,31 @@ def test_unreadable_kernel_is_refused_up_front(state_root: Path) -> None:  # noq
         assert not (state_root / "k").exists()  # nothing changed
 
     asyncio.run(main())
+
+
+def test_vfio_user_on_qemu72_is_refused_up_front(state_root: Path) -> None:  # noqa: F811
+    from mpqemu_mgmt.errors import RefusedError
+    from mpqemu_mgmt.orchestrate.capabilities import probe
+
+    s = parse_spec('name = "v72"\n[[device]]\nid = "e"\nmodel = "edu"\ntransport = "vfio-user"\n')
+
+    async def main() -> None:
+        caps = await probe(s.qemu_binary)
+        assert "x-pci-proxy-dev" in caps.devices and "x-remote" in caps.machines
+        if "vfio-user-pci" in caps.devices:
+            pytest.skip("this qemu-system-x86_64 has vfio-user-pci")
+        driver = DirectDriver(state_root, run_as=RUN_AS)
+        with pytest.raises(RefusedError, match="vfio-user-pci") as info:
+            await driver.start(s)
+        assert info.value.exit_code == 3
+        assert not (state_root / "v72").exists() and processes_under(state_root) == []
+        # and as a hot-plug into a running guest
+        runtime = await driver.start(parse_spec('name = "v72b"\n'))
+        try:
+            with pytest.raises(RefusedError, match="vfio-user-pci"):
+                await driver.attach(runtime, s.devices[0])
+            assert runtime.remotes == {}
+        finally:
+            await driver.stop(runtime, force=True)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
