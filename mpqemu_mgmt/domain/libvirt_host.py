@@ -113,6 +113,11 @@ class LibvirtGuest:
         except (OSError, ValueError):
             return 0
 
+    def messages(self) -> list[str]:
+        """libvirt's messages for the domain: taint flags (``custom-monitor`` once QMP passthrough
+        was used) and deprecations (virDomainGetMessages, libvirt ≥ 7.1)."""
+        return [str(m) for m in _call("messages", lambda: self._dom.messages(0))]
+
     def console_log(self) -> str:
         return f"/var/log/libvirt/qemu/{self.name}.log"
 

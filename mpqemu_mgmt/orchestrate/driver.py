@@ -437,6 +437,13 @@ class LibvirtDriver(_BaseDriver):
             raise ProcessFailed(f"QEMU of {runtime.name} (pid {runtime.pid}) still running after destroy",
                                 pid=runtime.pid)
 
+    async def taints(self, runtime: GuestRuntime) -> list[str]:
+        """libvirt's taint/deprecation messages for this guest, to show in ``status``: every guest
+        we plug is tainted custom-monitor ("tainted: custom monitor control commands issued"):
+        getfd and device_add go through QMP passthrough."""
+        guest = await asyncio.to_thread(self._guest, runtime)
+        return await asyncio.to_thread(guest.messages)
+
     async def undefine(self, spec: GuestSpec) -> None:
         guest = self.host(spec.uri).lookup(spec.name)
         if guest is not None:

@@ -59,6 +59,7 @@ def test_libvirt_start_attach_reset_stop(machine: str, state_root: Path, libvirt
             assert guest is not None and guest.is_active() and not guest.is_paused()
             assert runtime.pid and pid_alive(runtime.pid)
             assert await _ids(driver, runtime) >= {"tdev", "lsi0"}
+            assert any("custom monitor" in m for m in await driver.taints(runtime))  # getfd + device_add
             # A failure before each hot-plug step leaves the guest as it was (closefd through libvirt).
             bad = DeviceSpec(id="net9", model="e1000", backend="qemu")
             before = await _ids(driver, runtime)
