@@ -23,7 +23,12 @@ libvirt, which owns the monitor), ``console_log``, and ``remotes[device_id]`` â†
   guest's state directory, and talks QMP through :class:`QmpChannel`.
 * :class:`LibvirtDriver` defines the domain XML (designer.py) and starts it with
   ``VIR_DOMAIN_START_PAUSED``, then plugs devices through :class:`LibvirtChannel`
-  (``qemuMonitorCommandWithFiles``); a non-local URI is refused before anything changes.
+  (``qemuMonitorCommandWithFiles``); a non-local URI is refused before anything changes. Extra:
+  ``taints(runtime)`` (libvirt's messages, e.g. custom-monitor), ``undefine(spec)``, and
+  ``start_tokens=`` (the directory the libvirt hook checks while we create the domain).
+
+Before a start or attach, capabilities.py checks the main QEMU has the proxy device the transport
+needs (x-pci-proxy-dev / vfio-user-pci) and refuses otherwise (exit 3, nothing changed).
 
 Remotes are started by a :class:`RemoteLauncher`: by default confined.py's ConfinedLauncher
 (confine.launcher) when root with bubblewrap, else :class:`ProcessLauncher` (plain, as ``run_as``).
