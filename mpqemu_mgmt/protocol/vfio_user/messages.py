@@ -44,6 +44,12 @@ def _at_least(payload: bytes, size: int, what: str) -> None:
         raise _bad(f"{what}: payload of {len(payload)} bytes, expected at least {size}")
 
 
+def _argsz_covers(argsz: int, size: int, what: str) -> None:
+    # argsz is the VFIO ioctl convention: the caller's struct size, never below the fixed part.
+    if argsz < size:
+        raise _bad(f"{what}: argsz too small", argsz=argsz)
+
+
 # --------------------------------------------------------------------------- VERSION
 
 
@@ -121,8 +127,7 @@ class DmaMap:
     def unpack(cls, payload: bytes, fds: tuple[int, ...] = ()) -> DmaMap:
         _exact(payload, cls.FIXED.size, "DMA_MAP")
         argsz, flags, offset, address, size = cls.FIXED.unpack(payload)
-        if argsz < cls.FIXED.size:
-            raise _bad("DMA_MAP: argsz too small", argsz=argsz)
+        _argsz_covers(argsz, cls.FIXED.size, "DMA_MAP")
         if flags & ~(wire.DMA_FLAG_READ | wire.DMA_FLAG_WRITE):
             raise _bad("DMA_MAP: unknown flags", flags=flags)
         if size == 0 or address + size - 1 > _U64 or offset + size - 1 > _U64:
@@ -154,8 +159,7 @@ class DmaUnmap:
         _no_fds(fds, "DMA_UNMAP")
         _exact(payload, cls.FIXED.size, "DMA_UNMAP")
         argsz, flags, address, size = cls.FIXED.unpack(payload)
-        if argsz < cls.FIXED.size:
-            raise _bad("DMA_UNMAP: argsz too small", argsz=argsz)
+        _argsz_covers(argsz, cls.FIXED.size, "DMA_UNMAP")
         if flags:
             # VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP and friends: dirty tracking is not offered
             raise _bad("DMA_UNMAP: flags not supported", errno=wire.ENOTSUP, flags=flags)
@@ -180,8 +184,7 @@ class DeviceInfoRequest:
         _no_fds(fds, "DEVICE_GET_INFO")
         _exact(payload, cls.FIXED.size, "DEVICE_GET_INFO")
         argsz, _flags, _nr, _ni = cls.FIXED.unpack(payload)
-        if argsz < cls.FIXED.size:
-            raise _bad("DEVICE_GET_INFO: argsz too small", argsz=argsz)
+        _argsz_covers(argsz, cls.FIXED.size, "DEVICE_GET_INFO")
         return cls(argsz)
 
 
@@ -223,8 +226,7 @@ class RegionInfoRequest:
         # (vfio_user_get_region_info in hw/vfio-user/device.c).
         _exact(payload, cls.FIXED.size, "DEVICE_GET_REGION_INFO")
         argsz, _flags, index, _cap, _size, _offset = cls.FIXED.unpack(payload)
-        if argsz < cls.FIXED.size:
-            raise _bad("DEVICE_GET_REGION_INFO: argsz too small", argsz=argsz)
+        _argsz_covers(argsz, cls.FIXED.size, "DEVICE_GET_REGION_INFO")
         return cls(index, argsz)
 
 
@@ -271,8 +273,7 @@ class IrqInfoRequest:
         _no_fds(fds, "DEVICE_GET_IRQ_INFO")
         _exact(payload, cls.FIXED.size, "DEVICE_GET_IRQ_INFO")
         argsz, _flags, index, _count = cls.FIXED.unpack(payload)
-        if argsz < cls.FIXED.size:
-            raise _bad("DEVICE_GET_IRQ_INFO: argsz too small", argsz=argsz)
+        _argsz_covers(argsz, cls.FIXED.size, "DEVICE_GET_IRQ_INFO")
         return cls(index, argsz)
 
 
@@ -339,8 +340,7 @@ class SetIrqs:
             raise _bad("DEVICE_SET_IRQS: unknown flags", flags=flags)
         if data.bit_count() != 1 or action.bit_count() != 1:
             raise _bad("DEVICE_SET_IRQS: need exactly one DATA and one ACTION flag", flags=flags)
-        if argsz < cls.FIXED.size:
-            raise _bad("DEVICE_SET_IRQS: argsz too small", argsz=argsz)
+        _argsz_covers(argsz, cls.FIXED.size, "DEVICE_SET_IRQS")
         if start + count > 0xFFFFFFFF:
             raise _bad("DEVICE_SET_IRQS: start+count wraps", start=start, count=count)
         bools: tuple[bool, ...] = ()
@@ -363,10 +363,23 @@ class SetIrqs:
 # --------------------------------------------------------------------------- region access
 
 
+# REGION_READ / REGION_WRITE, command and reply alike: offset u64, region u32, count u32, then
+# ``count`` data bytes where the message carries data (VFIOUserRegionRW in hw/vfio-user/protocol.h).
+REGION_RW = struct.Struct("<QII")
+
+
+def _unpack_region_data(payload: bytes, what: str) -> tuple[int, int, bytes]:
+    """``(region, offset, data)`` of a REGION_RW with data; ``count`` must cover the rest exactly."""
+    _at_least(payload, REGION_RW.size, what)
+    offset, region, count = REGION_RW.unpack_from(payload)
+    _exact(payload, REGION_RW.size + count, what)
+    return region, offset, bytes(payload[REGION_RW.size :])
+
+
 @dataclass(frozen=True)
 class RegionRead:
     COMMAND: ClassVar[Command] = Command.REGION_READ
-    FIXED: ClassVar[struct.Struct] = struct.Struct("<QII")  # offset region count
+    FIXED: ClassVar[struct.Struct] = REGION_RW
 
     region: int
     offset: int
@@ -386,7 +399,7 @@ class RegionRead:
 @dataclass(frozen=True)
 class RegionReadReply:
     COMMAND: ClassVar[Command] = Command.REGION_READ
-    FIXED: ClassVar[struct.Struct] = struct.Struct("<QII")
+    FIXED: ClassVar[struct.Struct] = REGION_RW
 
     region: int
     offset: int
@@ -398,16 +411,13 @@ class RegionReadReply:
     @classmethod
     def unpack(cls, payload: bytes, fds: tuple[int, ...] = ()) -> RegionReadReply:
         _no_fds(fds, "REGION_READ reply")
-        _at_least(payload, cls.FIXED.size, "REGION_READ reply")
-        offset, region, count = cls.FIXED.unpack_from(payload)
-        _exact(payload, cls.FIXED.size + count, "REGION_READ reply")
-        return cls(region, offset, bytes(payload[cls.FIXED.size :]))
+        return cls(*_unpack_region_data(payload, "REGION_READ reply"))
 
 
 @dataclass(frozen=True)
 class RegionWrite:
     COMMAND: ClassVar[Command] = Command.REGION_WRITE
-    FIXED: ClassVar[struct.Struct] = struct.Struct("<QII")
+    FIXED: ClassVar[struct.Struct] = REGION_RW
 
     region: int
     offset: int
@@ -419,16 +429,13 @@ class RegionWrite:
     @classmethod
     def unpack(cls, payload: bytes, fds: tuple[int, ...] = ()) -> RegionWrite:
         _no_fds(fds, "REGION_WRITE")
-        _at_least(payload, cls.FIXED.size, "REGION_WRITE")
-        offset, region, count = cls.FIXED.unpack_from(payload)
-        _exact(payload, cls.FIXED.size + count, "REGION_WRITE")
-        return cls(region, offset, bytes(payload[cls.FIXED.size :]))
+        return cls(*_unpack_region_data(payload, "REGION_WRITE"))
 
 
 @dataclass(frozen=True)
 class RegionWriteReply:
     COMMAND: ClassVar[Command] = Command.REGION_WRITE
-    FIXED: ClassVar[struct.Struct] = struct.Struct("<QII")
+    FIXED: ClassVar[struct.Struct] = REGION_RW
 
     region: int
     offset: int
@@ -531,6 +538,15 @@ class Empty:
 DMA_RW = struct.Struct("<QQ")
 
 
+def _unpack_dma_data(payload: bytes, what: str, errno: int) -> tuple[int, bytes]:
+    """``(address, data)`` of a DMA_RW with data; bytes past ``count`` are not part of it."""
+    _at_least(payload, DMA_RW.size, what)
+    address, count = DMA_RW.unpack_from(payload)
+    if count > len(payload) - DMA_RW.size:
+        raise _bad(f"{what}: count beyond the message", errno=errno, count=count)
+    return address, bytes(payload[DMA_RW.size : DMA_RW.size + count])
+
+
 @dataclass(frozen=True)
 class DmaRead:
     COMMAND: ClassVar[Command] = Command.DMA_READ
@@ -562,11 +578,7 @@ class DmaReadReply:
     @classmethod
     def unpack(cls, payload: bytes, fds: tuple[int, ...] = ()) -> DmaReadReply:
         _no_fds(fds, "DMA_READ reply")
-        _at_least(payload, DMA_RW.size, "DMA_READ reply")
-        address, count = DMA_RW.unpack_from(payload)
-        if DMA_RW.size + count > len(payload):
-            raise _bad("DMA_READ reply: count beyond the message", count=count)
-        return cls(address, bytes(payload[DMA_RW.size : DMA_RW.size + count]))
+        return cls(*_unpack_dma_data(payload, "DMA_READ reply", wire.EINVAL))
 
 
 @dataclass(frozen=True)
@@ -582,11 +594,7 @@ class DmaWrite:
     @classmethod
     def unpack(cls, payload: bytes, fds: tuple[int, ...] = ()) -> DmaWrite:
         _no_fds(fds, "DMA_WRITE")
-        _at_least(payload, DMA_RW.size, "DMA_WRITE")
-        address, count = DMA_RW.unpack_from(payload)
-        if count > len(payload) - DMA_RW.size:
-            raise _bad("DMA_WRITE: count beyond the message", errno=wire.E2BIG, count=count)
-        return cls(address, bytes(payload[DMA_RW.size : DMA_RW.size + count]))
+        return cls(*_unpack_dma_data(payload, "DMA_WRITE", wire.E2BIG))
 
 
 @dataclass(frozen=True)
