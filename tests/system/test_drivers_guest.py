@@ -106,14 +106,19 @@ def test_guest_lifecycle(driver_name: str, machine: str, state_root: Path) -> No
         finally:
             pids = [runtime.pid, *(r.pid for r in runtime.remotes.values())]
             await driver.stop(runtime, force=True)
-            if isinstance(driver, LibvirtDriver):
-                await driver.undefine(spec)
         # 6. stop: no process left.
         for pid in pids:
             assert not pid_alive(pid)
         assert processes_under(state_root) == []
 
-    asyncio.run(asyncio.wait_for(main(), 240))
+    async def undefine() -> None:
+        if isinstance(driver, LibvirtDriver):
+            await driver.undefine(spec)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 240))
+    finally:
+        asyncio.run(undefine())  # also when start itself failed (the domain stays defined)
 
 
 def test_failures_during_unplug_and_hard_reset_leave_nothing_behind(state_root: Path) -> None:  # noqa: F811

@@ -92,12 +92,14 @@ def test_libvirt_start_attach_reset_stop(machine: str, state_root: Path, libvirt
         finally:
             pids = [runtime.pid, *(r.pid for r in runtime.remotes.values())]
             await driver.stop(runtime, force=True)
-            await driver.undefine(s)
         for pid in pids:
             assert not pid_alive(pid)
         assert processes_under(state_root) == []
 
-    asyncio.run(asyncio.wait_for(main(), 120))
+    try:
+        asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        asyncio.run(LibvirtDriver(state_root).undefine(s))
 
 
 def test_libvirt_failure_at_every_start_step(state_root: Path, libvirt_host) -> None:  # noqa: F811
