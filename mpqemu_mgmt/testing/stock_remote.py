@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shlex
 import socket
-import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from mpqemu_mgmt.errors import ProcessFailed
+from mpqemu_mgmt.testing.logged_process import LoggedProcess, on_socketpair
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 _ID_RE = re.compile(r"(?:^|,)id=([^,]+)")
@@ -50,7 +48,7 @@ def device_id(device: str) -> tuple[str, str]:
     return f"{device},id=mpqdev0", "mpqdev0"
 
 
-class StockRemote:
+class StockRemote(LoggedProcess):
     """One stock x-remote process; owns the process, its log file and (optionally) its QMP path.
 
     ``remote_fd`` is the remote end of a connected AF_UNIX SOCK_STREAM pair. It is inherited by the
@@ -70,12 +68,9 @@ class StockRemote:
         name: str = "remote",
     ) -> None:
         self.device, self.devid = device_id(device)
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / f"{name}.log"
-        self.qmp_path: Path | None = self.workdir / f"{name}.qmp" if qmp else None
+        self.qmp_path: Path | None = Path(workdir) / f"{name}.qmp" if qmp else None
         prefix = [qemu_binary] if isinstance(qemu_binary, str) else list(qemu_binary)
-        self.argv: list[str] = [
+        argv: list[str] = [
             *prefix,
             "-machine", "x-remote",
             "-nodefaults",
@@ -87,25 +82,8 @@ class StockRemote:
         if self.qmp_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.qmp_path.unlink()
-            self.argv += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._log.write(f"# argv: {shlex.join(self.argv)}\n".encode())
-        self._log.flush()
-        try:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=self._log,
-                pass_fds=(remote_fd,),
-                close_fds=True,
-            )
-        except BaseException:
-            self._log.close()
-            raise
-        finally:
-            # The child holds its own copy now; ours would keep the peer from ever seeing EOF.
-            os.close(remote_fd)
+            argv += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        super().__init__(argv, workdir=workdir, name=name, pass_fds=(remote_fd,), log_argv=True)
 
     @classmethod
     @contextlib.contextmanager
@@ -120,56 +98,21 @@ class StockRemote:
         name: str = "remote",
     ) -> Iterator[tuple[StockRemote, socket.socket]]:
         """Make a socketpair, spawn the remote on one end and yield it with the proxy end."""
-        proxy_end, remote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            remote = cls(
+
+        def spawn(remote_fd: int) -> StockRemote:
+            return cls(
                 device,
-                remote_end.detach(),
+                remote_fd,
                 workdir=workdir,
                 qmp=qmp,
                 qemu_binary=qemu_binary,
                 extra_args=extra_args,
                 name=name,
             )
-        except BaseException:
-            proxy_end.close()
-            raise
-        try:
-            yield remote, proxy_end
-        finally:
-            # Closing our end is the polite stop: 7.2 exits on EOF (protocol.md §3.7).
-            proxy_end.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                remote.wait(1.0)
-            remote.stop()
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 5.0) -> int:
-        """Terminate, then kill, then reap; close the log. Returns the exit status. Idempotent."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        if not self._log.closed:
-            self._log.close()
-        return self.proc.returncode
-
-    def wait(self, timeout: float) -> int:
-        """Wait for the process to exit by itself (e.g. after the proxy end closed)."""
-        return self.proc.wait(timeout)
+        # Closing our end is the polite stop: 7.2 exits on EOF (protocol.md §3.7).
+        with on_socketpair(spawn, grace=1.0) as pair:
+            yield pair
 
     def __enter__(self) -> StockRemote:
         return self
