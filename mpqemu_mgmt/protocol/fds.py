@@ -12,11 +12,12 @@ descriptor is injected by whoever creates the wrapper (the transport passes ``os
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import overload
+from typing import Self, overload
 
 from mpqemu_mgmt.errors import ProtocolError
 
@@ -29,7 +30,27 @@ def _close_quietly(close: Closer, fd: int) -> None:
         close(fd)
 
 
-class OwnedFd:
+class _ClosedOnExit(abc.ABC):
+    """``with owner:`` closes what ``owner`` still owns on the way out, whatever happened inside."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class OwnedFd(_ClosedOnExit):
     """One file descriptor that this object owns until :meth:`close` or :meth:`detach`."""
 
     __slots__ = ("__weakref__", "_close", "_fd", "_finalizer")
@@ -64,22 +85,12 @@ class OwnedFd:
             self._fd = None
             self._finalizer()
 
-    def __enter__(self) -> OwnedFd:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"OwnedFd({self._fd if self._fd is not None else 'closed'})"
 
 
-class FdBundle(Sequence[OwnedFd]):
+class FdBundle(_ClosedOnExit, Sequence[OwnedFd]):
     """An ordered, immutable group of :class:`OwnedFd`; closes whatever was not adopted."""
 
     __slots__ = ("_fds",)
@@ -132,16 +143,6 @@ class FdBundle(Sequence[OwnedFd]):
     def detach_all(self) -> tuple[int, ...]:
         return tuple(f.detach() for f in self._fds)
 
-    def __enter__(self) -> FdBundle:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"FdBundle({list(self._fds)!r})"
