@@ -15,7 +15,8 @@ Workloads: sequential 128 KiB reads, sequential 128 KiB writes (MB/s), random 4 
 (IOPS). Each workload runs as ``rounds`` pairs of back-to-back slices (stock then ours, then
 ours then stock, ...), so the drifting load of the shared machine hits both sides of a pair
 alike; the median of the per-pair ratios ours/stock is reported with its inter-quartile range
-(goals: ≥ 1.0 for the sequential ones, ≥ 0.7 for random reads).
+(goals: ≥ 1.0 for the sequential ones, ≥ 0.7 for random reads). ``--depth-seq 1 --depth-rand 1``
+measures one request per kick (latency-bound) instead of a queue of them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import statistics
 import sys
@@ -148,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                         "ratio": round(statistics.median(ratios), 3),
                         "ratio_iqr": [round(q1, 3), round(q3, 3)]})  # fmt: skip
     if args.json:
-        json.dump({"results": summary, "rounds": args.rounds, "kicks": kicks}, sys.stdout, indent=1)
+        json.dump(
+            {"results": summary, "rounds": args.rounds, "kicks": kicks, "loadavg": os.getloadavg()},
+            sys.stdout,
+            indent=1,
+        )
         print()
     else:
         print(f"{'workload':16} {'depth':>5} {'stock':>14} {'ours':>14} {'ours/stock':>10}  IQR")
@@ -158,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['ours']:>10.1f} {row['unit']:<4}{row['ratio']:>8.3f}"
                 f"  {row['ratio_iqr'][0]:.3f}..{row['ratio_iqr'][1]:.3f}"
             )
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"(median of {args.rounds} paired {args.seconds} s slices per workload; kicks {kicks})")
+        print(f"(load average {load})")
     return 0
 
 
