@@ -436,26 +436,24 @@ class VfioUserSession:
         finally:
             self._depth -= 1
 
-    def _dma_read(self, gpa: int, length: int) -> bytes:
+    def _dma_exchange(self, kind: str, gpa: int, build: Callable[[], tuple[int, bytes]]) -> ReplyReceived:
+        """Send the DMA_READ/DMA_WRITE that ``build`` encodes, count it, and wait for its reply."""
         try:
-            msg_id, data = self.endpoint.dma_read(gpa, length)
+            msg_id, raw = build()
         except InvalidMessage as exc:
             raise DmaError(exc.message, gpa=gpa) from exc
-        self.transport.send(data)
-        self.dma_by_message["reads"] += 1
-        event = self._await_reply(msg_id)
+        self.transport.send(raw)
+        self.dma_by_message[kind] += 1
+        return self._await_reply(msg_id)
+
+    def _dma_read(self, gpa: int, length: int) -> bytes:
+        event = self._dma_exchange("reads", gpa, lambda: self.endpoint.dma_read(gpa, length))
         if not isinstance(event.reply, m.DmaReadReply):
             raise DmaError(f"DMA_READ refused by the client (errno {event.errno})", gpa=gpa)
         return event.reply.data
 
     def _dma_write(self, gpa: int, data: bytes) -> None:
-        try:
-            msg_id, raw = self.endpoint.dma_write(gpa, data)
-        except InvalidMessage as exc:
-            raise DmaError(exc.message, gpa=gpa) from exc
-        self.transport.send(raw)
-        self.dma_by_message["writes"] += 1
-        event = self._await_reply(msg_id)
+        event = self._dma_exchange("writes", gpa, lambda: self.endpoint.dma_write(gpa, data))
         if event.reply is None:
             raise DmaError(f"DMA_WRITE refused by the client (errno {event.errno})", gpa=gpa)
 
