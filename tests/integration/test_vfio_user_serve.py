@@ -129,25 +129,21 @@ def test_edu_intx_is_automasked_and_resignalled_on_unmask(serve) -> None:  # typ
 
 
 def _dma_roundtrip(c: VfioUserClient, ram_read, ram_write, pump: bool) -> None:  # type: ignore[no-untyped-def]
+    def transfer(src: int, dst: int, count: int, cmd: int) -> None:
+        for reg, val in ((0x80, src), (0x88, dst), (0x90, count), (0x98, cmd)):
+            c.write(0, reg, 8, val)
+        deadline = time.monotonic() + 5
+        while c.read(0, 0x98, 8) & 1:
+            if pump:
+                c.pump(0.05)
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
     c.config_write(CMD, 2, MEM_MASTER)
     pattern = bytes(range(256)) * 4
     ram_write(0x1000, pattern)
-    for reg, val in ((0x80, 0x1000), (0x88, 0x40000), (0x90, len(pattern)), (0x98, 0x1)):
-        c.write(0, reg, 8, val)
-    deadline = time.monotonic() + 5
-    while c.read(0, 0x98, 8) & 1:
-        if pump:
-            c.pump(0.05)
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    for reg, val in ((0x80, 0x40000), (0x88, 0x3000), (0x90, len(pattern)), (0x98, 0x3)):
-        c.write(0, reg, 8, val)
-    deadline = time.monotonic() + 5
-    while c.read(0, 0x98, 8) & 1:
-        if pump:
-            c.pump(0.05)
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    transfer(0x1000, 0x40000, len(pattern), 0x1)
+    transfer(0x40000, 0x3000, len(pattern), 0x3)
     assert ram_read(0x3000, len(pattern)) == pattern
 
 
