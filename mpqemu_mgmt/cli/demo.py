@@ -22,31 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from mpqemu_mgmt.errors import MpqemuError, ProcessFailed
-
-# The guest's /guest/watch.sh: print the PCI bus once, then again whenever it changes.
-WATCH = r"""
-echo "DEMO-READY"
-prev=""
-while :; do
-  cur=""
-  for d in /sys/bus/pci/devices/*; do
-    [ -e "$d/vendor" ] && cur="$cur ${d##*/}=$(cat "$d/vendor"):$(cat "$d/device")"
-  done
-  if [ "$cur" != "$prev" ]; then echo "PCISET$cur"; prev="$cur"; fi
-  sleep 0.2
-done
-"""
+from mpqemu_mgmt.guestkit.watch_guest import EDU, LSI, TESTDEV, place_images, read_pci_sets, watch_images
 
 NAMES = {
-    "0x1234:0x11e8": "edu (ours, builtin remote)",
-    "0x1000:0x0012": "lsi53c895a (stock QEMU x-remote)",
-    "0x1b36:0x0005": "pci-testdev (ours, hot-plugged)",
+    EDU: "edu (ours, builtin remote)",
+    LSI: "lsi53c895a (stock QEMU x-remote)",
+    TESTDEV: "pci-testdev (ours, hot-plugged)",
     "0x8086:0x1237": "i440FX host bridge",
     "0x8086:0x7000": "PIIX3 ISA bridge",
     "0x8086:0x7010": "PIIX3 IDE",
     "0x8086:0x7113": "PIIX4 ACPI",
 }
-EDU, LSI, TESTDEV = "0x1234:0x11e8", "0x1000:0x0012", "0x1b36:0x0005"
 
 
 @dataclass
@@ -56,25 +42,11 @@ class Summary:
     ok: bool = True
 
 
-def pci_sets(console: Path) -> list[dict[str, str]]:
-    """Every PCI bus listing the guest printed so far: ``{bdf: vendor:device}``. Pure on the text."""
-    try:
-        text = console.read_text(errors="replace")
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        if "PCISET" in line:
-            items = line.split("PCISET", 1)[1].split()
-            out.append(dict(item.split("=", 1) for item in items if "=" in item))
-    return out
-
-
 async def wait_bus(console: Path, want: set[str], gone: set[str], timeout: float) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     last: dict[str, str] = {}
     while time.monotonic() < deadline:
-        sets = pci_sets(console)
+        sets = read_pci_sets(console)
         if sets:
             last = sets[-1]
             ids = set(last.values())
@@ -86,19 +58,8 @@ async def wait_bus(console: Path, want: set[str], gone: set[str], timeout: float
 
 
 def guest_images(into: Path) -> tuple[Path, Path]:
-    from mpqemu_mgmt.guestkit.initramfs import GuestScript, build_initramfs, store_initramfs
-    from mpqemu_mgmt.guestkit.kernel import fetch_kernel
-
-    kernel = fetch_kernel()
-    image = store_initramfs(build_initramfs(kernel, GuestScript(text=WATCH, name="watch.sh")))
-    into.mkdir(parents=True, exist_ok=True)
-    k, i = into / "vmlinuz", into / "initrd.cpio"
-    shutil.copyfile(kernel.vmlinuz, k)
-    shutil.copyfile(image, i)
-    into.chmod(0o755)
-    for p in (k, i):
-        p.chmod(0o644)  # the main QEMU runs unprivileged and reads them
-    return k, i
+    """The demo's watching guest (its console starts with DEMO-READY), placed in ``into``."""
+    return place_images(into, watch_images(ready="DEMO-READY"))
 
 
 def spec_text(kernel: Path, initrd: Path) -> str:

@@ -5,6 +5,7 @@ Modules, one job each: :mod:`.cache` (cache dir, build-once under flock), :mod:`
 download, module lookup), :mod:`.modinfo` (pure module metadata), :mod:`.cpio` (pure newc),
 :mod:`.initramfs` (image layout, /init), :mod:`.qemu_argv` (pure argv and verdict parsing),
 :mod:`.boot` (runs QEMU), :mod:`.kvm` (can KVM boot Linux here?), :mod:`.qemu11` (QEMU 11.1 from a
-debootstrapped sid root through bwrap), :mod:`.scripts` (guest shell scripts shipped as data).
+debootstrapped sid root through bwrap), :mod:`.scripts` (guest shell scripts shipped as data),
+:mod:`.watch_guest` (the guest that prints its PCI functions on the console whenever they change).
 Nothing here is imported by production code paths other than the demo.
 """

@@ -4,29 +4,15 @@ so a test reads from the serial console log what the guest sees after each plug 
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-WATCH = r"""
-echo "WATCH-READY"
-prev=""
-while :; do
-  cur=""
-  for d in /sys/bus/pci/devices/*; do
-    [ -e "$d/vendor" ] && cur="$cur ${d##*/}=$(cat "$d/vendor"):$(cat "$d/device")"
-  done
-  if [ "$cur" != "$prev" ]; then echo "PCISET$cur"; prev="$cur"; fi
-  sleep 0.2
-done
-"""
+from mpqemu_mgmt.guestkit.watch_guest import EDU, LSI, TESTDEV, place_images, read_pci_sets, watch_images
 
-EDU = "0x1234:0x11e8"
-LSI = "0x1000:0x0012"
-TESTDEV = "0x1b36:0x0005"
+__all__ = ["EDU", "LSI", "TESTDEV", "GuestImages", "guest_images", "pci_sets", "wait_seen"]
 
 
 @dataclass(frozen=True)
@@ -38,33 +24,14 @@ class GuestImages:
 def guest_images(into: Path) -> GuestImages:
     """Kernel + initramfs copied to ``into`` (readable by the unprivileged QEMU user)."""
     try:
-        from mpqemu_mgmt.guestkit.initramfs import GuestScript, build_initramfs, store_initramfs
-        from mpqemu_mgmt.guestkit.kernel import fetch_kernel
-
-        kernel = fetch_kernel()
-        image = store_initramfs(build_initramfs(kernel, GuestScript(text=WATCH, name="watch.sh")))
+        images = watch_images()
     except Exception as exc:  # the guest kit is another engineer's: say why and skip
         pytest.skip(f"no test guest: {exc}")
-    into.mkdir(parents=True, exist_ok=True)
-    k, i = into / "vmlinuz", into / "initrd.cpio"
-    shutil.copyfile(kernel.vmlinuz, k)
-    shutil.copyfile(image, i)
-    for p in (into, k, i):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return GuestImages(k, i)
+    return GuestImages(*place_images(into, images))
 
 
 def pci_sets(console: Path) -> list[set[str]]:
-    try:
-        text = console.read_text(errors="replace")
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        if "PCISET" in line:
-            items = line.split("PCISET", 1)[1].split()
-            out.append({item.split("=", 1)[1] for item in items if "=" in item})
-    return out
+    return [set(listing.values()) for listing in read_pci_sets(console)]
 
 
 def wait_seen(console: Path, want: set[str], gone: set[str] = frozenset(), timeout: float = 90.0) -> set[str]:  # type: ignore[assignment]

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from mpqemu_mgmt.guestkit.watch_guest import EDU, LSI, TESTDEV, read_pci_sets
 from mpqemu_mgmt.service.procfs import proc_start_time
 from tests.integration.service_fixture import Service, service
 
 __all__ = ["service"]
-
-EDU, LSI, TESTDEV = "0x1234:0x11e8", "0x1000:0x0012", "0x1b36:0x0005"
 
 
 def alive(pid: int) -> bool:
@@ -25,15 +24,13 @@ def alive(pid: int) -> bool:
 
 
 def wait_bus(console: Path, want: set[str], timeout: float = 90) -> None:
-    from mpqemu_mgmt.cli.demo import pci_sets
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        sets = pci_sets(console)
+        sets = read_pci_sets(console)
         if sets and want <= set(sets[-1].values()):
             return
         time.sleep(0.2)
-    raise AssertionError(f"guest never showed {want}: {pci_sets(console)[-1:]}")
+    raise AssertionError(f"guest never showed {want}: {read_pci_sets(console)[-1:]}")
 
 
 def test_restart_readopt_then_hang_replug_hotplug_and_main_crash(service: Service) -> None:

@@ -15,6 +15,7 @@ from mpqemu_mgmt.guestkit.pcilist import IORESOURCE_IO, IORESOURCE_MEM, by_ids, 
 from mpqemu_mgmt.guestkit.qemu11 import bwrap_prefix, parse_device_names, parse_version
 from mpqemu_mgmt.guestkit.qemu_argv import BootSpec, ProxyDevice, parse_status, qemu_argv
 from mpqemu_mgmt.guestkit.scripts import EDU_APPEND, EDU_DMA_BASE, script_text
+from mpqemu_mgmt.guestkit.watch_guest import EDU, parse_pci_sets, watch_script
 
 SCRIPT = GuestScript("echo hi\n", name="check.sh", env={"A_B": "x y'z"}, files={"data.bin": b"\0\1"})
 
@@ -135,10 +136,29 @@ def test_qemu11_parsers_and_prefix() -> None:
 
 
 def test_shipped_scripts_and_edu_window() -> None:
-    for name in ("pci_list.sh", "edu_check.sh", "edu_irq_uio.sh"):
+    for name in ("pci_list.sh", "pci_watch.sh", "edu_check.sh", "edu_irq_uio.sh"):
         assert script_text(name).startswith("#!/bin/sh\n")
     with pytest.raises(GuestKitError):
         script_text("nosuch.sh")
     assert EDU_DMA_BASE + (1 << 20) <= 256 << 20  # inside the default guest RAM
     assert EDU_DMA_BASE < 1 << 28  # below edu's default dma_mask
     assert f"memmap=1M${EDU_DMA_BASE:#x}" in EDU_APPEND
+
+
+def test_pci_watch_script_and_its_parser() -> None:
+    script = watch_script("DEMO-READY")
+    assert script.name == "pci_watch.sh" and dict(script.env) == {"PCI_WATCH_READY": "DEMO-READY"}
+    assert "export PCI_WATCH_READY=DEMO-READY\n" in render_init([], script)
+    assert 'echo "PCISET$cur"' in script.text
+    console = (
+        "[    0.5] boot noise\nDEMO-READY\n"
+        "PCISET 0000:00:00.0=0x8086:0x1237 0000:00:04.0=0x1234:0x11e8\r\n"
+        "PCISET\n"
+        "junk PCISET 0000:00:00.0=0x8086:0x1237 stray\n"
+    )
+    assert parse_pci_sets(console) == [
+        {"0000:00:00.0": "0x8086:0x1237", "0000:00:04.0": EDU},
+        {},
+        {"0000:00:00.0": "0x8086:0x1237"},
+    ]
+    assert parse_pci_sets("no listing yet") == []
