@@ -38,6 +38,17 @@ def close_fds(fds: tuple[int, ...] | list[int]) -> None:
             os.close(fd)
 
 
+def send_all(sock: socket.socket, data: bytes, fds: tuple[int, ...] = ()) -> None:
+    """Send one whole message on a blocking socket; the fds ride on the first ``sendmsg``."""
+    view = memoryview(data)
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        n = sock.sendmsg([view], anc)
+        view = view[n:]
+    if view:
+        sock.sendall(view)
+
+
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -103,13 +114,7 @@ class VfioUserTransport:
 
     def send(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         """Send one whole message; fds ride on the first sendmsg."""
-        view = memoryview(data)
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-            n = self.sock.sendmsg([view], anc)
-            view = view[n:]
-        if view:
-            self.sock.sendall(view)
+        send_all(self.sock, data, fds)
         self.sent += 1
 
     def wait_readable(self, timeout: float | None, extra: tuple[int, ...] = ()) -> list[int]:

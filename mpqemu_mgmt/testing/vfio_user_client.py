@@ -20,6 +20,7 @@ from mpqemu_mgmt.errors import InvalidMessage, ProtocolError, TruncatedMessage
 from mpqemu_mgmt.protocol.vfio_user import codec, wire
 from mpqemu_mgmt.protocol.vfio_user import messages as m
 from mpqemu_mgmt.protocol.vfio_user.wire import Header
+from mpqemu_mgmt.remote.vfio_user_transport import send_all
 
 QEMU_CAPABILITIES = {
     "max_msg_fds": 16,
@@ -69,12 +70,7 @@ class VfioUserClient:
         return header, self._recv_exact(header.payload_size), tuple(fds)
 
     def send_raw(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-            n = self.sock.sendmsg([data], anc)
-            data = data[n:]
-        if data:
-            self.sock.sendall(data)
+        send_all(self.sock, data, fds)
 
     def _serve_dma(self, header: Header, payload: bytes) -> None:
         req = codec.decode_server_request(header, payload)
