@@ -8,12 +8,20 @@ stays small and the model needs no locks (hw/remote runs its message loop as one
 Order inside one turn: run due timers; poll (timeout = next deadline); handle at most one mpqemu
 message (the proxy waits for each RET, so there is never more than one), resample events and QMP.
 
+Hot mode (fewer syscalls per guest access): right after a message, while no timer is pending and
+the INTx line is low (a resample event then needs no answer: it only drains the counter, which a
+later poll still does), the loop skips poll and blocks in the socket read itself, bounded by
+SO_RCVTIMEO = :data:`HOT_WAIT`; the other fds (QMP, resamplefd) are looked at with a zero-timeout
+poll at least every :data:`HOT_LOOK` seconds, so a heartbeat waits at most that long while the
+proxy is busy. When the read times out (the proxy is idle) the loop goes back to poll. QEMU's own
+remote blocks in its main loop's ppoll for every message (util/main-loop.c), which is the cold mode.
+
 Exit status: 0 when the proxy closes the socket (or QMP ``quit``), as Contracts 1 and the stock
 remote require; 1 after a protocol error (the stream can no longer be trusted; the stock remote
 stops too).
 
-What it must not do: send anything unsolicited on the mpqemu socket, or block anywhere but poll
-and the read of a message that has started to arrive.
+What it must not do: send anything unsolicited on the mpqemu socket, or block anywhere but poll,
+the hot-mode read (at most :data:`HOT_WAIT`) and the read of a message that has started to arrive.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from __future__ import annotations
 import os
 import select
 import socket
+import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +44,10 @@ from mpqemu_mgmt.remote.timers import TimerQueue
 from mpqemu_mgmt.remote.transport import Transport, is_disconnect
 
 _IN = select.POLLIN | select.POLLPRI
+HOT_WAIT = 0.02
+"""Seconds a hot-mode read blocks before the loop falls back to poll (SO_RCVTIMEO)."""
+HOT_LOOK = 0.02
+"""While hot, the QMP and resample fds are looked at least this often (seconds)."""
 
 
 class Remote:
@@ -51,6 +65,13 @@ class Remote:
         debug: Callable[[str], None] | None = None,
     ) -> None:
         sock.setblocking(True)
+        # bounds the hot-mode read; set here, before confinement (setsockopt is not allowed after)
+        sec = int(HOT_WAIT)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_RCVTIMEO,
+            struct.pack("ll", sec, int((HOT_WAIT - sec) * 1_000_000)),
+        )
         self.sock = sock
         self.model = model
         self.memory = memory
@@ -87,7 +108,10 @@ class Remote:
         return out
 
     def _handle_message(self) -> bool:
-        """Read and answer one message; False when the proxy has gone."""
+        """Read and answer one message; False when the proxy has gone.
+
+        BlockingIOError when the hot-mode read timed out before a message started (nothing read).
+        """
         msg = self.transport.read_message()
         if msg is None:
             return False
@@ -105,6 +129,23 @@ class Remote:
         qmp_fd = self.qmp.filenos()[0] if self.qmp is not None else None
         return self.irq.resample_fileno, qmp_fd
 
+    def _on_other(
+        self, events: list[tuple[int, int]], sock_fd: int, key: tuple[int | None, int | None]
+    ) -> bool:
+        """Handle poll events of the resamplefd and QMP; True when QMP asked to quit."""
+        for fd, _ev in events:
+            if fd == sock_fd:
+                continue
+            if fd == key[0]:
+                self.irq.on_resample()
+            elif self.qmp is not None and fd == key[1]:
+                # a hung-up client reads as EOF in on_readable and is dropped there
+                self.qmp.on_readable(fd)
+                if self.qmp.quit_requested:
+                    self.qmp.announce_shutdown()
+                    return True
+        return False
+
     def run(self) -> int:
         """Serve until the proxy closes the socket (0), QMP quit (0) or a protocol error (1)."""
         sock_fd = self.sock.fileno()
@@ -112,10 +153,17 @@ class Remote:
         poller.register(sock_fd, _IN)
         key: tuple[int | None, int | None] = (None, None)
         timers = self.timers
+        irq = self.irq
+        handle = self._handle_message
+        clock = time.monotonic
+        hot = False
+        looked = 0.0
         try:
             while True:
-                if timers:
+                pending = bool(timers)
+                if pending:
                     timers.run_due()
+                    pending = bool(timers)
                 # re-register only when SET_IRQFD or a QMP (dis)connection changed the fd set:
                 # this loop runs once per guest access, so it stays lean
                 new_key = self._watch_key()
@@ -127,23 +175,35 @@ class Remote:
                         if fd is not None:
                             poller.register(fd, _IN)
                     key = new_key
-                timeout = timers.timeout() if timers else None
+                if hot and not pending and not irq.level:
+                    if key != (None, None):
+                        now = clock()
+                        if now - looked >= HOT_LOOK:
+                            looked = now
+                            if self._on_other(poller.poll(0), sock_fd, key):
+                                return 0
+                    try:
+                        if not handle():
+                            return 0
+                    except BlockingIOError:
+                        hot = False  # the proxy is idle: wait in poll with every fd
+                    continue
+                timeout = timers.timeout() if pending else None
                 try:
                     events = poller.poll(-1 if timeout is None else int(timeout * 1000) + 1)
                 except InterruptedError:
                     continue
                 for fd, _ev in events:
                     if fd == sock_fd:
-                        if not self._handle_message():
-                            return 0
-                    elif fd == key[0]:
-                        self.irq.on_resample()
-                    elif self.qmp is not None and fd == key[1]:
-                        # a hung-up client reads as EOF in on_readable and is dropped there
-                        self.qmp.on_readable(fd)
-                        if self.qmp.quit_requested:
-                            self.qmp.announce_shutdown()
-                            return 0
+                        try:
+                            if not handle():
+                                return 0
+                        except BlockingIOError:
+                            continue  # readable but nothing to read (spurious wake-up)
+                        hot = True
+                        looked = clock()
+                if self._on_other(events, sock_fd, key):
+                    return 0
         except ProtocolError as exc:
             self.log(f"mpqemu protocol error, stopping: {exc}")
             return 1

@@ -15,7 +15,20 @@ AF_UNIX SOCK_STREAM socket, reading the way mpqemu_msg_recv does (hw/remote/mpqe
   ``EINTR`` is retried (also by Python itself, PEP 475).
 
 Sending mirrors mpqemu_msg_send: the fds ride on the first ``sendmsg``; the rest of the bytes
-follow without fds. It must not interpret messages: that is the endpoint's job.
+follow without fds.
+
+The remote role has a fast path for the messages a guest access produces (PCI_CFGREAD/WRITE,
+BAR_READ/WRITE, DEVICE_RESET) and their RET: the same two reads into preallocated buffers, the
+payload unpacked with the codec's own ``struct`` layouts (:mod:`mpqemu_mgmt.protocol.wire`) into the
+codec's message classes, and an 8-byte RET packed in one step. It is taken only at a message
+boundary with the endpoint IDLE, and only when the header read brought exactly 16 bytes, no fds and
+no MSG_CTRUNC, and the header names one of those commands with its exact payload size; in every
+other case the bytes already read are fed to the endpoint and the codec decides, so the fast path
+yields exactly what ``decode`` would (tests/integration/test_transport_fastpath.py checks both on
+the same frames). While a fast-path request awaits its RET the transport enforces the endpoint's rules
+itself: no next message before the RET, and nothing but a RET may be sent.
+
+It must not interpret messages beyond that: the endpoint and the codec stay the authority.
 """
 
 from __future__ import annotations
@@ -23,7 +36,9 @@ from __future__ import annotations
 import array
 import errno
 import os
+import select
 import socket
+import struct
 from typing import Literal
 
 from mpqemu_mgmt.errors import InvalidMessage, ProtocolError, TooManyFds, TruncatedMessage
@@ -38,10 +53,45 @@ from mpqemu_mgmt.protocol.endpoint import (
     State,
 )
 from mpqemu_mgmt.protocol.fds import FdBundle, OwnedFd
-from mpqemu_mgmt.protocol.messages import Message, close_message
+from mpqemu_mgmt.protocol.messages import (
+    BarRead,
+    BarWrite,
+    DeviceReset,
+    Message,
+    PciConfigRead,
+    PciConfigWrite,
+    Ret,
+    close_message,
+    encode,
+)
+from mpqemu_mgmt.protocol.wire import Cmd
 
 _FD_SIZE = array.array("i").itemsize
 CMSG_SPACE = socket.CMSG_SPACE(wire.SOCKET_MAX_FDS * _FD_SIZE)
+
+# The fast path's commands and their only valid payload sizes (mpqemu_msg_valid in
+# hw/remote/mpqemu-link.c: BAR accesses carry a BarAccessMsg, config accesses a PciConfDataMsg;
+# DEVICE_RESET with no payload is what the proxy sends). Any other (cmd, size) goes to the codec.
+_FAST_SIZES: dict[tuple[int, int], int] = {
+    (int(Cmd.PCI_CFGREAD), wire.PCI_CONF.size): int(Cmd.PCI_CFGREAD),
+    (int(Cmd.PCI_CFGWRITE), wire.PCI_CONF.size): int(Cmd.PCI_CFGWRITE),
+    (int(Cmd.BAR_READ), wire.BAR_ACCESS.size): int(Cmd.BAR_READ),
+    (int(Cmd.BAR_WRITE), wire.BAR_ACCESS.size): int(Cmd.BAR_WRITE),
+    (int(Cmd.DEVICE_RESET), 0): int(Cmd.DEVICE_RESET),
+}
+_CFGREAD, _CFGWRITE = int(Cmd.PCI_CFGREAD), int(Cmd.PCI_CFGWRITE)
+_BAR_READ, _BAR_WRITE = int(Cmd.BAR_READ), int(Cmd.BAR_WRITE)
+# header + u64: the frame encode(Ret(value)) produces, packed in one step
+_RET_FRAME = struct.Struct(wire.HEADER.format + wire.RET_U64.format.lstrip("<"))
+_RET_CMD = int(Cmd.RET)
+_RET_SIZE = wire.RET_U64.size
+_HEADER_UNPACK = wire.HEADER.unpack_from
+_PCI_CONF_UNPACK = wire.PCI_CONF.unpack_from
+_BAR_ACCESS_UNPACK = wire.BAR_ACCESS.unpack_from
+_AT_BOUNDARY = (wire.HEADER_SIZE, True)  # Endpoint.wants() with nothing buffered
+# plain ints: the socket module's flags are IntFlag members, whose operators are slow Python code
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 def wrap_fd(fd: int) -> OwnedFd:
@@ -62,13 +112,25 @@ def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 class Transport:
     """Blocking message IO for one endpoint role over one connected socket."""
 
-    def __init__(self, sock: socket.socket, role: Literal["remote", "proxy"] = "remote") -> None:
+    def __init__(
+        self, sock: socket.socket, role: Literal["remote", "proxy"] = "remote", *, fast_path: bool = True
+    ) -> None:
         self.sock = sock
         self.endpoint: RemoteEndpoint | ProxyEndpoint = (
             RemoteEndpoint() if role == "remote" else ProxyEndpoint()
         )
         self._events: list[Event] = []
         self.closed_by_peer = False
+        # fast path (remote role): preallocated buffers, reused for every message
+        self._fast = fast_path and role == "remote"
+        self._fast_due = False  # a fast-path request was handed out, its RET not yet sent
+        # the endpoint is IDLE with nothing buffered or queued (fast-path messages leave it so;
+        # anything fed to it clears this until read_message checks again)
+        self._clean = True
+        self._header = bytearray(wire.HEADER_SIZE)
+        self._header_bufs = [self._header]
+        self._payload = bytearray(wire.MAX_PAYLOAD)
+        self._payload_view = memoryview(self._payload)
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -89,9 +151,43 @@ class Transport:
                 return self.sock.recv(n)
             except InterruptedError:
                 continue
+            except BlockingIOError:
+                self._wait_readable()
+
+    def _wait_readable(self) -> None:
+        """Inside a message, a read timed out (SO_RCVTIMEO, serve.py's hot mode): keep waiting.
+
+        The read of a message that has started blocks until it is complete, as before; only a
+        read at a message boundary lets BlockingIOError reach the caller.
+        """
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN | select.POLLPRI)
+        while True:
+            try:
+                if poller.poll(-1):
+                    return
+            except InterruptedError:
+                continue
+
+    def _feed(self, data: bytes, fds: FdBundle, ctrunc: bool) -> bool:
+        """Hand one chunk to the endpoint; False when it was the EOF (the close is queued)."""
+        if not data:
+            self._clean = False
+            # fds that came with no bytes (peer closed right after sendmsg) are not a message.
+            fds.close()
+            # An endpoint that was already closed yields nothing: report the close again.
+            self._events.extend(self.endpoint.receive_eof() or [ConnectionClosed()])
+            return False
+        # MSG_CTRUNC is a protocol error (TooManyFds), raised once the message is complete,
+        # where mpqemu_msg_recv's fd-count check would fail for stock QEMU too.
+        self._clean = False
+        self._events.extend(self.endpoint.receive_data(data, list(fds), ctrunc))
+        return True
 
     def read_event(self) -> Event:
         """Block until the endpoint yields one event (a message, a reply, or the close)."""
+        if self._fast_due:
+            raise ProtocolError("remote: reading the next message before answering the last one")
         while not self._events:
             self._events.extend(self.endpoint.next_events())
             if not self._events and self.endpoint.state is State.REPLY_DUE:
@@ -107,19 +203,86 @@ class Transport:
                     data, fds = self._recv_payload_chunk(n), FdBundle()
             except ConnectionResetError:
                 data, fds = b"", FdBundle()
-            if not data:
-                # fds that came with no bytes (peer closed right after sendmsg) are not a message.
-                fds.close()
-                # An endpoint that was already closed yields nothing: report the close again.
-                self._events.extend(self.endpoint.receive_eof() or [ConnectionClosed()])
+            if not self._feed(data, fds, ctrunc):
                 break
-            # MSG_CTRUNC is a protocol error (TooManyFds), raised once the message is complete,
-            # where mpqemu_msg_recv's fd-count check would fail for stock QEMU too.
-            self._events.extend(self.endpoint.receive_data(data, list(fds), ctrunc))
         return self._events.pop(0)
+
+    def _read_fast(self) -> Message | None:
+        """One message by the fast path, or None after feeding what was read to the endpoint.
+
+        Reads exactly as :meth:`read_event` would (a 16-byte ``recvmsg`` with room for 16 fds,
+        then the payload with plain ``recv``), into the preallocated buffers.
+        """
+        sock = self.sock
+        header = self._header
+        while True:
+            try:
+                n, ancdata, flags, _ = sock.recvmsg_into(self._header_bufs, CMSG_SPACE, _MSG_CMSG_CLOEXEC)
+                break
+            except InterruptedError:
+                continue
+            except ConnectionResetError:
+                n, ancdata, flags = 0, [], 0
+                break
+        if n == wire.HEADER_SIZE and not ancdata and not flags & _MSG_CTRUNC:
+            cmd, size = _HEADER_UNPACK(header)
+            fast = _FAST_SIZES.get((cmd, size))
+            if fast is not None:
+                got = 0
+                view = self._payload_view
+                while got < size:
+                    try:
+                        k = sock.recv_into(view[got:size], size - got)
+                    except InterruptedError:
+                        continue
+                    except BlockingIOError:
+                        self._wait_readable()
+                        continue
+                    except ConnectionResetError:
+                        k = 0
+                    if not k:
+                        break
+                    got += k
+                if got == size:
+                    self._fast_due = True
+                    payload = self._payload
+                    if fast == _CFGREAD:
+                        addr, value, length = _PCI_CONF_UNPACK(payload)
+                        return PciConfigRead(addr, length, value)
+                    if fast == _CFGWRITE:
+                        addr, value, length = _PCI_CONF_UNPACK(payload)
+                        return PciConfigWrite(addr, value, length)
+                    if fast == _BAR_READ:
+                        addr, value, width, memory = _BAR_ACCESS_UNPACK(payload)
+                        return BarRead(addr, width, memory != 0, value)
+                    if fast == _BAR_WRITE:
+                        addr, value, width, memory = _BAR_ACCESS_UNPACK(payload)
+                        return BarWrite(addr, value, width, memory != 0)
+                    return DeviceReset()
+                # the peer closed inside the payload: the endpoint judges it (TruncatedMessage)
+                self._feed(bytes(header), FdBundle(), False)
+                if got:
+                    self._feed(bytes(self._payload[:got]), FdBundle(), False)
+                self._feed(b"", FdBundle(), False)
+                return None
+        fds = FdBundle.adopt(_fds_from_ancillary(ancdata), os.close) if ancdata else FdBundle()
+        self._feed(bytes(header[:n]), fds, bool(flags & _MSG_CTRUNC))
+        return None
+
+    def _recheck_clean(self) -> bool:
+        self._clean = (
+            not self._events
+            and self.endpoint.state is State.IDLE
+            and self.endpoint.wants() == _AT_BOUNDARY
+        )
+        return self._clean
 
     def read_message(self) -> Message | None:
         """Remote role: the next valid message, or None on a clean EOF at a message boundary."""
+        if self._fast and not self._fast_due and (self._clean or self._recheck_clean()):
+            msg = self._read_fast()
+            if msg is not None:
+                return msg
         ev = self.read_event()
         if isinstance(ev, ConnectionClosed):
             self.closed_by_peer = True
@@ -182,8 +345,35 @@ class Transport:
 
     def send_message(self, msg: Message) -> None:
         """Encode through the endpoint (which enforces the role's rules), then send."""
+        if self._fast_due:
+            self._send_fast_reply(msg)
+            return
         data, fds = self.endpoint.send(msg)
         self.send_raw(data, fds)
+
+    def _send_fast_reply(self, msg: Message) -> None:
+        """The RET for a fast-path request: the bytes ``encode`` would produce, no fds."""
+        if type(msg) is not Ret:
+            # the endpoint is IDLE, so it refuses this exactly as it would in REPLY_DUE
+            self._fast_due = False
+            self.endpoint.send(msg)
+            raise ProtocolError("remote: may only send RET")  # pragma: no cover - send raised
+        # the reply is no longer due even if encoding fails (the endpoint steps first, too)
+        self._fast_due = False
+        value = msg.value
+        if msg.size == _RET_SIZE and 0 <= value <= wire.UINT64_MAX:
+            data = _RET_FRAME.pack(_RET_CMD, _RET_SIZE, value)
+        else:
+            data, _ = encode(msg)  # validates like the endpoint (ProtocolError when it cannot)
+        sock = self.sock
+        while True:
+            try:
+                sent = sock.send(data)
+                break
+            except InterruptedError:
+                continue
+        if sent < len(data):
+            self.send_raw(data[sent:])
 
     def send_raw(self, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
         """Write ``data`` with ``fds`` attached to the first sendmsg (mpqemu_msg_send)."""
