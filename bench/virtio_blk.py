@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name in order:
                     results[wl.name][name].append(run_for(atts[name].driver, wl, args.seconds, cursors[name]))
         kicks = {name: att.driver.kicks for name, att in atts.items()}
+        idle = {name: att.driver.idle_waits for name, att in atts.items()}
 
     summary: list[dict[str, Any]] = []
     for wl in workloads:
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                         "ratio_iqr": [round(q1, 3), round(q3, 3)]})  # fmt: skip
     if args.json:
         json.dump(
-            {"results": summary, "rounds": args.rounds, "kicks": kicks, "loadavg": os.getloadavg()},
+            {"results": summary, "rounds": args.rounds, "kicks": kicks, "idle_waits": idle,
+             "loadavg": os.getloadavg()},
             sys.stdout,
             indent=1,
         )
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"(median of {args.rounds} paired {args.seconds} s slices per workload; kicks {kicks})")
-        print(f"(load average {load})")
+        print(f"(load average {load}; waits without an interrupt {idle})")
     return 0
 
 

@@ -21,6 +21,7 @@ import mmap
 import os
 import select
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,15 @@ _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED = struct.Struct("<II")
 _OUTHDR = struct.Struct("<IIQ")
+
+
+_BARRIER = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """A full fence (a locked instruction) between the used_event store and the used.idx load."""
+    _BARRIER.acquire()
+    _BARRIER.release()
 
 
 # -- guest RAM ----------------------------------------------------------------------------------
@@ -295,6 +305,8 @@ class VirtioBlkDriver:
         self._inflight: dict[int, Request] = {}
         self.kicks = 0
         self.interrupts = 0
+        #: waits that ended without an interrupt (a lost or suppressed one would show here)
+        self.idle_waits = 0
         self.info: DeviceInfo | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -435,22 +447,34 @@ class VirtioBlkDriver:
         return True
 
     def reap(self) -> list[tuple[Request, Completion]]:
-        """Take every used element the device published since the last call."""
+        """Take every used element the device published since the last call.
+
+        Like Linux's ``virtqueue_enable_cb`` + ``virtqueue_poll``: after asking for the next
+        interrupt (used_event) it looks at used.idx once more, so a completion that landed
+        just before used_event moved is reaped now instead of waiting for an interrupt the
+        device rightly suppressed.
+        """
         done: list[tuple[Request, Completion]] = []
-        used = self.used_idx()
-        while self._last_used != used:
-            head, length = self.used_elem(self._last_used)
-            self._last_used = (self._last_used + 1) & 0xFFFF
-            req = self._inflight.pop(head, None)
-            if req is None:
-                raise DeviceError(f"device returned descriptor {head}, which is not in flight")
-            self._free.extend(req.descs)
-            status = self.ram.read(req.status_gpa, 1)[0]
-            data = b"".join(self.ram.read(a, n) for a, n in req.data_gpas) if self.collect else b""
-            done.append((req, Completion(status, length, data)))
-        if self.event_idx:
-            self.set_used_event(self._last_used)
-        return done
+        while True:
+            used = self.used_idx()
+            if used == self._last_used:
+                if not self.event_idx:
+                    return done
+                self.set_used_event(self._last_used)
+                _full_barrier()
+                if self.used_idx() == self._last_used:
+                    return done
+                continue
+            while self._last_used != used:
+                head, length = self.used_elem(self._last_used)
+                self._last_used = (self._last_used + 1) & 0xFFFF
+                req = self._inflight.pop(head, None)
+                if req is None:
+                    raise DeviceError(f"device returned descriptor {head}, which is not in flight")
+                self._free.extend(req.descs)
+                status = self.ram.read(req.status_gpa, 1)[0]
+                data = b"".join(self.ram.read(a, n) for a, n in req.data_gpas) if self.collect else b""
+                done.append((req, Completion(status, length, data)))
 
     def wait(self, count: int) -> list[tuple[Request, Completion]]:
         """Wait until ``count`` requests completed (interrupt, ISR read, reap), in used order."""
@@ -463,7 +487,9 @@ class VirtioBlkDriver:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ProcessFailed(f"virtio-blk: {len(out)} of {count} requests completed in time")
-            if self.bus.wait_interrupt(min(left, 0.5)):
+            if not self.bus.wait_interrupt(min(left, 0.5)):
+                self.idle_waits += 1
+            else:
                 self.interrupts += 1
                 # Read (and so clear) the ISR before reaping, so a completion that lands after
                 # the reap raises the line again instead of being lost.
