@@ -18,10 +18,12 @@ offset  width  register
 0x14    …      device-specific config
 ======  =====  ==================================================
 
-A kick (QUEUE_NOTIFY) is served through the ``defer`` hook the device passes in: the remote
-runs it from its timer queue right after the BAR write has been answered, so the proxy's vCPU is
-not held for the I/O (QEMU gets the same from ioeventfd + AIO); kicks that arrive meanwhile
-coalesce. Without a hook (tests) the kick is served inside the write.
+A kick (QUEUE_NOTIFY) serves up to ``INLINE_BYTES`` (256 KiB) of requests inside the BAR write
+— a single small request then completes with no second wake-up — and hands the rest to the
+``defer`` hook the device passes in: the remote runs it from its timer queue right after the BAR
+write has been answered, so a big batch does not hold the proxy's vCPU for its whole I/O (QEMU
+gets that from ioeventfd + AIO). Kicks that arrive meanwhile coalesce. Without a hook (tests)
+the whole kick is served inside the write.
 
 It owns the :class:`~.ring.SplitQueue` objects, drives the INTx pin through
 :class:`~mpqemu_mgmt.pci.IntxPin` and hands popped chains to a :class:`VirtioDeviceLogic`
