@@ -67,7 +67,7 @@ MAX_REQUEST_SECTORS = (2**31 - 1) >> 9
 _OUTHDR = struct.Struct("<IIQ")
 
 
-def _gather(views: tuple[memoryview, ...], length: int) -> bytes:
+def _gather(views: list[memoryview], length: int) -> bytes:
     """The first ``length`` bytes of a scatter list (``iov_to_buf``); shorter if it is."""
     out = bytearray()
     for v in views:
@@ -78,7 +78,7 @@ def _gather(views: tuple[memoryview, ...], length: int) -> bytes:
     return bytes(out)
 
 
-def _split_front(views: tuple[memoryview, ...], skip: int) -> list[memoryview]:
+def _split_front(views: list[memoryview], skip: int) -> list[memoryview]:
     """``views`` without the first ``skip`` bytes (``iov_discard_front``)."""
     out: list[memoryview] = []
     for v in views:
@@ -116,9 +116,9 @@ _IOV_MAX = 1024
 _MERGE_MAX = 16 << 20
 
 
-def _front(writable: tuple[memoryview, ...], last: memoryview, n: int) -> list[memoryview]:
+def _front(writable: list[memoryview], last: memoryview, n: int) -> list[memoryview]:
     """The device-writable buffers without the trailing status byte (``iov_discard_back``)."""
-    data = list(writable[:-1])
+    data = writable[:-1]
     if n > 1:
         data.append(last[: n - 1])
     return data
@@ -254,7 +254,7 @@ class BlkRequests:
         write = bool(rtype & BLK_T_OUT)
         if write:
             self.counters["out"] += 1
-            views = list(readable[1:]) if first.nbytes == BLK_OUTHDR_SIZE else _split_front(
+            views = readable[1:] if first.nbytes == BLK_OUTHDR_SIZE else _split_front(
                 readable, BLK_OUTHDR_SIZE
             )
             size = chain.readable_len - BLK_OUTHDR_SIZE

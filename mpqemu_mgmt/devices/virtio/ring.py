@@ -82,8 +82,8 @@ class Chain(NamedTuple):
     """
 
     head: int
-    readable: tuple[memoryview, ...]
-    writable: tuple[memoryview, ...]
+    readable: list[memoryview]
+    writable: list[memoryview]
     #: total bytes of ``readable`` / ``writable`` (summed once, while walking)
     readable_len: int = 0
     writable_len: int = 0
@@ -152,6 +152,10 @@ class _Ring:
 
     def set_avail_event(self, value: int) -> None:
         self._put_u16(self._used + 4 + USED_ELEM_SIZE * self._num, value)
+
+    def v16(self) -> memoryview | None:
+        """The ring as 16-bit words (aligned single accesses), or None without a ring view."""
+        return self._v16
 
     def desc_view(self) -> memoryview | None:
         """The descriptor table as a view (it starts the ring), or None without a ring view."""
@@ -242,6 +246,9 @@ class RingSession:
         self.queue = queue
         self._mem = mem
         self._ring = _Ring(mem, queue)
+        # fast path for the avail ring entries: 16-bit index of avail.ring[0] in the ring view
+        self._v16 = self._ring.v16()
+        self._slot0 = (queue.avail_addr + 4 - queue.desc_addr) >> 1
         self._held: list[memoryview] = []
         self._windows: dict[int, memoryview | None] = {}
         #: avail.idx as last read (QEMU's shadow_avail_idx): re-read only when caught up
@@ -327,10 +334,14 @@ class RingSession:
             return None
         if q.inuse >= q.num:
             raise q.fail("virtqueue size exceeded")
-        try:
-            head = self._ring.avail_ring(q.last_avail_idx % q.num)
-        except DmaError as exc:
-            raise q.fail("avail ring outside guest RAM") from exc
+        v16 = self._v16
+        if v16 is not None:
+            head = v16[self._slot0 + q.last_avail_idx % q.num]
+        else:
+            try:
+                head = self._ring.avail_ring(q.last_avail_idx % q.num)
+            except DmaError as exc:
+                raise q.fail("avail ring outside guest RAM") from exc
         q.last_avail_idx = (q.last_avail_idx + 1) & 0xFFFF
         if head >= q.num:
             raise q.fail(f"guest says index {head} is available")
@@ -406,7 +417,7 @@ class RingSession:
             else:
                 addr, length, flags, nxt = ring.desc(nxt)
         q.inuse += 1
-        return Chain(head, tuple(readable), tuple(writable), rlen, wlen)
+        return Chain(head, readable, writable, rlen, wlen)
 
     def _set_avail_event(self, value: int) -> None:
         try:
