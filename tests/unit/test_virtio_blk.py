@@ -465,12 +465,15 @@ def test_kick_serves_a_little_inline_and_defers_the_rest() -> None:
     reqs = [Request(BLK_T_IN, 256 * i, read_len=128 << 10) for i in range(5)]
     for req in reqs:
         r.drv.submit(req)
+    r.irq.take()
     r.drv.kick(force=True)
     assert r.drv.used_idx() == 2 and len(timers.due) == 1
+    assert not r.irq.take()  # no interrupt yet: the continuation will send one for all five
     r.drv.kick(force=True)  # a second kick while the continuation is pending coalesces
     assert len(timers.due) == 1
     assert timers.run() == 1
     assert r.drv.used_idx() == 5 and not timers.due
+    assert r.irq.take() and r.irq.edges == 1
     # one small request is served entirely inside its kick, nothing is deferred
     r.drv.run([Request(BLK_T_FLUSH)])
     assert not timers.due
