@@ -21,9 +21,9 @@ import pytest
 
 from mpqemu_mgmt.confine.launcher import LaunchedRemote, LaunchRequest, launch, profile_for
 from mpqemu_mgmt.confine.profile import ConfinementProfile
-from mpqemu_mgmt.errors import MpqemuError
 from mpqemu_mgmt.guestkit.boot import BootResult, boot_script
 from mpqemu_mgmt.guestkit.initramfs import GuestScript
+from mpqemu_mgmt.guestkit.kernel import Kernel
 from mpqemu_mgmt.guestkit.pcilist import by_ids, parse_pci_listing
 from mpqemu_mgmt.guestkit.qemu_argv import ProxyDevice
 from mpqemu_mgmt.guestkit.scripts import script_text
@@ -57,13 +57,7 @@ def _status(pid: int) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    from mpqemu_mgmt.guestkit.kernel import fetch_kernel
-
-    try:
-        kernel = fetch_kernel()
-    except MpqemuError as exc:
-        pytest.skip(f"no test-guest kernel available: {exc}")
+def run(tmp_path_factory: pytest.TempPathFactory, guest_kernel: Kernel) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("confined-guest")
     specs = {
         "t0": (LaunchRequest("t0", "pci-testdev", tmp / "t0.qmp", log_path=tmp / "t0.log"),
@@ -85,7 +79,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             r.wait_ready(20)  # greets on QMP only after lock_down
         seen = {name: _status(r.pid) for name, r in remotes.items()}
         result = boot_script(
-            kernel, script,
+            guest_kernel, script,
             proxies=tuple(ProxyDevice(name, r.proxy.fileno()) for name, r in remotes.items()),
             append=APPEND, accel="tcg", timeout=120, serial_log=tmp / "serial.log")
         for name, r in remotes.items():  # still serving and still confined after the guest is done

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from mpqemu_mgmt.errors import MpqemuError
 from mpqemu_mgmt.guestkit.boot import BootResult, boot_script
 from mpqemu_mgmt.guestkit.initramfs import GuestScript
+from mpqemu_mgmt.guestkit.kernel import Kernel
 from mpqemu_mgmt.guestkit.pcilist import IORESOURCE_IO, IORESOURCE_MEM, by_ids, parse_pci_listing
 from mpqemu_mgmt.guestkit.qemu_argv import ProxyDevice
 from mpqemu_mgmt.guestkit.scripts import script_text
@@ -44,15 +44,6 @@ sh /guest/edu_check.sh
 """
 
 
-def _kernel() -> object:
-    from mpqemu_mgmt.guestkit.kernel import fetch_kernel
-
-    try:
-        return fetch_kernel()
-    except MpqemuError as exc:
-        pytest.skip(f"no test-guest kernel available: {exc}")
-
-
 @dataclass
 class GuestRun:
     result: BootResult
@@ -61,9 +52,14 @@ class GuestRun:
 
 
 def _boot_with_our_remotes(
-    tmp_path: Path, script: GuestScript, accel: str, modules: tuple[str, ...] = (), timeout: float = 90.0
-) -> Iterator[GuestRun]:
-    kernel = _kernel()
+    kernel: Kernel,
+    tmp_path: Path,
+    script: GuestScript,
+    accel: str,
+    *,
+    modules: tuple[str, ...] = (),
+    timeout: float = 90.0,
+) -> Generator[GuestRun, None, None]:
     with ExitStack() as stack:
         t_remote, t_sock = stack.enter_context(
             BuiltinRemote.pair("pci-testdev", workdir=tmp_path, seccomp="enforce", name="testdev")
@@ -74,7 +70,7 @@ def _boot_with_our_remotes(
             )
         )
         result = boot_script(
-            kernel,  # type: ignore[arg-type]
+            kernel,
             script,
             modules=modules,
             proxies=(ProxyDevice("t0", t_sock.fileno()), ProxyDevice("e0", e_sock.fileno())),
@@ -90,7 +86,7 @@ def _boot_with_our_remotes(
 
 
 @pytest.fixture(scope="module")
-def tcg_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestRun]:
+def tcg_run(tmp_path_factory: pytest.TempPathFactory, guest_kernel: Kernel) -> Iterator[GuestRun]:
     tmp = tmp_path_factory.mktemp("edu-guest")
     script = GuestScript(
         WRAPPER,
@@ -101,7 +97,7 @@ def tcg_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestRun]:
             "edu_check.sh": script_text("edu_check.sh").encode(),
         },
     )
-    yield from _boot_with_our_remotes(tmp, script, "tcg")
+    yield from _boot_with_our_remotes(guest_kernel, tmp, script, "tcg")
 
 
 def test_guest_enumerates_our_devices(tcg_run: GuestRun) -> None:
@@ -161,14 +157,17 @@ exit 0
 """
 
 
-def test_intx_delivered_under_kvm(tmp_path: Path) -> None:
-    from mpqemu_mgmt.guestkit.kvm import kvm_can_boot_linux
-
-    ok, reason = kvm_can_boot_linux()
+def test_intx_delivered_under_kvm(tmp_path: Path, guest_kernel: Kernel, kvm_boot: tuple[bool, str]) -> None:
+    ok, reason = kvm_boot
     if not ok:
         pytest.skip(f"INTx delivery through x-pci-proxy-dev needs KVM irqfds (protocol.md §3.5): {reason}")
     runs = _boot_with_our_remotes(
-        tmp_path, GuestScript(UIO_SCRIPT, name="uio.sh"), "kvm", modules=("uio_pci_generic",), timeout=60
+        guest_kernel,
+        tmp_path,
+        GuestScript(UIO_SCRIPT, name="uio.sh"),
+        "kvm",
+        modules=("uio_pci_generic",),
+        timeout=60,
     )
     run = next(runs)
     try:

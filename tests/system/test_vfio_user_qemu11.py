@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from mpqemu_mgmt.errors import MpqemuError
 from mpqemu_mgmt.guestkit.boot import BootResult, boot_script
 from mpqemu_mgmt.guestkit.initramfs import GuestScript
+from mpqemu_mgmt.guestkit.kernel import Kernel
+from mpqemu_mgmt.guestkit.qemu11 import Qemu11
 from mpqemu_mgmt.guestkit.scripts import script_text
 from mpqemu_mgmt.testing.vfio_user_remote import VfioUserRemote
 
@@ -63,24 +64,6 @@ exit $fail
 """
 
 
-def _qemu11() -> object:
-    from mpqemu_mgmt.guestkit.qemu11 import fetch_qemu11
-
-    try:
-        return fetch_qemu11()
-    except MpqemuError as exc:
-        pytest.skip(f"QEMU 11.1 (sid root) is not available: {exc}")
-
-
-def _kernel() -> object:
-    from mpqemu_mgmt.guestkit.kernel import fetch_kernel
-
-    try:
-        return fetch_kernel()
-    except MpqemuError as exc:
-        pytest.skip(f"no test-guest kernel available: {exc}")
-
-
 @dataclass
 class Run:
     result: BootResult
@@ -91,9 +74,7 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    qemu = _qemu11()
-    kernel = _kernel()
+def guest(tmp_path_factory: pytest.TempPathFactory, qemu11: Qemu11, guest_kernel: Kernel) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("vfio-user-guest")
     disk = tmp / "disk.img"
     with open(disk, "wb") as f:
@@ -108,14 +89,14 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         blk = stack.enter_context(VfioUserRemote("virtio-blk", "vblk0", backing=disk, workdir=tmp))
         edu = stack.enter_context(VfioUserRemote("edu", "vedu0", workdir=tmp))
         result = boot_script(
-            kernel,  # type: ignore[arg-type]
+            guest_kernel,
             script,
             modules=("virtio_pci", "virtio_blk", "uio", "uio_pci_generic"),
             devices=(blk.device_json(), edu.device_json()),
             append=("iomem=relaxed", f"memmap=1M${DMA_BASE:#x}"),
             accel="tcg",
             qemu_binary="qemu-system-x86_64",
-            qemu_argv_prefix=qemu.argv_prefix(binds=[blk.dir, edu.dir]),  # type: ignore[attr-defined]
+            qemu_argv_prefix=qemu11.argv_prefix(binds=[blk.dir, edu.dir]),
             timeout=120,
             serial_log=tmp / "serial.log",
         )

@@ -13,11 +13,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
-from mpqemu_mgmt.errors import MpqemuError
 from mpqemu_mgmt.guestkit.boot import boot_script
 from mpqemu_mgmt.guestkit.initramfs import GuestScript
+from mpqemu_mgmt.guestkit.kernel import Kernel
+from mpqemu_mgmt.guestkit.qemu11 import Qemu11
 from mpqemu_mgmt.guestkit.scripts import script_text
 from mpqemu_mgmt.testing.vfio_user_remote import VfioUserRemote
 
@@ -41,14 +40,7 @@ def _ram_without_fd_wrapper(path: Path, prefix: list[str]) -> Path:
     return path
 
 
-def test_edu_dma_by_message_with_qemu_11_1(tmp_path: Path) -> None:
-    from mpqemu_mgmt.guestkit.kernel import fetch_kernel
-    from mpqemu_mgmt.guestkit.qemu11 import fetch_qemu11
-
-    try:
-        qemu, kernel = fetch_qemu11(), fetch_kernel()
-    except MpqemuError as exc:
-        pytest.skip(f"QEMU 11.1 root or guest kernel not available: {exc}")
+def test_edu_dma_by_message_with_qemu_11_1(tmp_path: Path, qemu11: Qemu11, guest_kernel: Kernel) -> None:
     script = GuestScript(
         "sh /guest/edu_check.sh",
         name="main.sh",
@@ -56,13 +48,13 @@ def test_edu_dma_by_message_with_qemu_11_1(tmp_path: Path) -> None:
         files={"edu_check.sh": script_text("edu_check.sh").encode()},
     )
     with VfioUserRemote("edu", "vedu0", workdir=tmp_path, extra_args=("--log-level", "info")) as edu:
-        wrapper = _ram_without_fd_wrapper(tmp_path / "qemu-ram.sh", qemu.argv_prefix(binds=[edu.dir]))
+        wrapper = _ram_without_fd_wrapper(tmp_path / "qemu-ram.sh", qemu11.argv_prefix(binds=[edu.dir]))
         result = boot_script(
-            kernel,
+            guest_kernel,
             script,
             devices=(edu.device_json(),),
             append=("iomem=relaxed", f"memmap=1M${DMA_BASE:#x}"),
-            qemu_binary=qemu.binary,
+            qemu_binary=qemu11.binary,
             qemu_argv_prefix=[str(wrapper)],
             timeout=120,
             serial_log=tmp_path / "serial.log",

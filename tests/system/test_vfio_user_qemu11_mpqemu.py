@@ -20,29 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from mpqemu_mgmt.errors import MpqemuError
+from mpqemu_mgmt.guestkit.qemu11 import Qemu11
 from mpqemu_mgmt.testing.builtin_remote import BuiltinRemote
 
 
-def _qemu11() -> object:
-    from mpqemu_mgmt.guestkit.qemu11 import fetch_qemu11
-
-    try:
-        return fetch_qemu11()
-    except MpqemuError as exc:
-        pytest.skip(f"QEMU 11.1 (sid root) is not available: {exc}")
-
-
-def _run(tmp: Path, accel: str, extra: tuple[str, ...] = ()) -> tuple[int, str]:
+def _run(qemu: Qemu11, tmp: Path, accel: str, extra: tuple[str, ...] = ()) -> tuple[int, str]:
     """Start QEMU 11.1 with our pci-testdev and edu over mpqemu, ask HMP ``info pci``, quit."""
-    qemu = _qemu11()
     with ExitStack() as stack:
         _, t_sock = stack.enter_context(
             BuiltinRemote.pair("pci-testdev", workdir=tmp, seccomp="enforce", name="testdev")
         )
         _, e_sock = stack.enter_context(BuiltinRemote.pair("edu", workdir=tmp, seccomp="enforce", name="edu"))
         argv = [
-            *qemu.command(),  # type: ignore[attr-defined]
+            *qemu.command(),
             "-nodefaults", "-display", "none", "-accel", accel,
             "-object", "memory-backend-memfd,id=mem,size=128M,share=on",
             "-machine", "pc,memory-backend=mem", "-m", "128M", "-monitor", "stdio",
@@ -70,10 +60,10 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield tmp_path_factory.mktemp("mpqemu-on-11")
 
 
-def test_qemu11_kvm_realizes_our_mpqemu_devices_with_their_bars(tmp: Path) -> None:
+def test_qemu11_kvm_realizes_our_mpqemu_devices_with_their_bars(tmp: Path, qemu11: Qemu11) -> None:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no usable /dev/kvm: QEMU 11.1's x-pci-proxy-dev only starts under KVM here")
-    rc, out = _run(tmp, "kvm")
+    rc, out = _run(qemu11, tmp, "kvm")
     if "failed to initialize kvm" in out.lower() or "could not access kvm" in out.lower():
         pytest.skip(f"KVM unusable here: {out[-300:]}")
     assert rc == 0, out[-2000:]
@@ -89,8 +79,8 @@ def test_qemu11_kvm_realizes_our_mpqemu_devices_with_their_bars(tmp: Path) -> No
     assert ebar and int(ebar.group(2), 16) - int(ebar.group(1), 16) + 1 == 1 << 20
 
 
-def test_qemu11_tcg_proxy_crash_is_qemus(tmp: Path) -> None:
-    rc, out = _run(tmp, "tcg", ("-S",))
+def test_qemu11_tcg_proxy_crash_is_qemus(tmp: Path, qemu11: Qemu11) -> None:
+    rc, out = _run(qemu11, tmp, "tcg", ("-S",))
     if rc in (-11, 139):  # 139: bwrap reports the signal as 128 + SIGSEGV
         pytest.xfail("QEMU 11.1.3 x-pci-proxy-dev segfaults at start-up under TCG (NULL+0x38), "
                      "with any mpqemu peer; see the module docstring")
