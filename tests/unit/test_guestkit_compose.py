@@ -3,7 +3,9 @@ and the QEMU 11.1 helpers' parsers."""
 
 from __future__ import annotations
 
+import re
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -138,6 +140,13 @@ def test_qemu11_parsers_and_prefix() -> None:
 def test_shipped_scripts_and_edu_window() -> None:
     for name in ("pci_list.sh", "pci_watch.sh", "edu_check.sh", "edu_irq_uio.sh"):
         assert script_text(name).startswith("#!/bin/sh\n")
+    for name in ("edu_check.sh", "edu_irq_uio.sh"):  # the shared edu_find.sh is inlined, once
+        text = script_text(name)
+        assert not re.search(r"^\. ", text, re.M) and text.count('ok find "${dev##*/}"') == 1
+        if Path("/bin/busybox").exists():
+            syntax = subprocess.run(["/bin/busybox", "sh", "-n"], input=text, text=True,
+                                    capture_output=True, timeout=10, check=False)
+            assert syntax.returncode == 0, syntax.stderr
     with pytest.raises(GuestKitError):
         script_text("nosuch.sh")
     assert EDU_DMA_BASE + (1 << 20) <= 256 << 20  # inside the default guest RAM

@@ -1,11 +1,15 @@
 """Guest shell scripts (busybox sh) shipped as package data, and a loader for them.
 
 Each ``*.sh`` here runs inside the test guest as ``/guest/<name>``; its exit status comes back as
-:attr:`mpqemu_mgmt.guestkit.boot.BootResult.status`. This module only reads them.
+:attr:`mpqemu_mgmt.guestkit.boot.BootResult.status`. A line ``. ./<snippet>.sh`` in a script stands
+for a shared snippet (``edu_find.sh``: how the edu scripts find their device): :func:`script_text`
+inlines it, so the guest always gets one self-contained file, whoever ships it. This module only
+reads them.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from importlib import resources
 
@@ -21,12 +25,19 @@ EDU_APPEND: tuple[str, ...] = ("iomem=relaxed", f"memmap=1M${EDU_DMA_BASE:#x}")
 EDU_ENV: dict[str, str] = {"EDU_DMA_BASE": f"{EDU_DMA_BASE:#x}"}
 
 
-def script_text(name: str) -> str:
-    """The text of the shipped script ``name`` (e.g. ``"edu_check.sh"``)."""
+_SNIPPET = re.compile(r"^\. \./([A-Za-z0-9_][A-Za-z0-9_.-]*\.sh)$", re.MULTILINE)
+
+
+def _shipped(name: str) -> str:
     try:
         return resources.files(__name__).joinpath(name).read_text()
     except (FileNotFoundError, OSError) as exc:
         raise GuestKitError("no such guest script", script=name) from exc
+
+
+def script_text(name: str) -> str:
+    """The text of the shipped script ``name`` (e.g. ``"edu_check.sh"``), snippets inlined."""
+    return _SNIPPET.sub(lambda m: _shipped(m.group(1)).rstrip("\n"), _shipped(name))
 
 
 def guest_script(name: str, env: Mapping[str, str] | None = None) -> GuestScript:

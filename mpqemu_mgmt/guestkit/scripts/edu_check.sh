@@ -8,23 +8,9 @@
 #   EDU_DMA_BASE  guest-physical base of that window (>= 8 KiB, below edu's 28-bit dma_mask)
 #   EDU_BDF       optional: which edu to use when there are several (default: the first)
 
-fail=0
-ok() { echo "ok $*"; }
-bad() { echo "FAIL $*"; fail=$((fail + 1)); }
+. ./edu_find.sh
 hex() { printf '0x%08x' "$(($1))"; }
 
-dev=
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ] || continue
-  [ -n "$EDU_BDF" ] && [ "${d##*/}" != "$EDU_BDF" ] && continue
-  dev=$d
-  break
-done
-if [ -z "$dev" ]; then
-  bad find "no 1234:11e8 in /sys/bus/pci/devices"
-  exit 1
-fi
-ok find "${dev##*/}"
 cfg=$dev/config
 read -r bar0 bar0_end _flags < "$dev/resource"
 bar0=$((bar0))

@@ -8,19 +8,7 @@
 # Needs modules uio and uio_pci_generic; kernel arg iomem=relaxed (devmem on the BAR while uio
 # holds it). Prints ok/FAIL lines; exit status = number of failed checks.
 
-fail=0
-ok() { echo "ok $*"; }
-bad() { echo "FAIL $*"; fail=$((fail + 1)); }
-
-dev=
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ] || continue
-  [ -n "$EDU_BDF" ] && [ "${d##*/}" != "$EDU_BDF" ] && continue
-  dev=$d
-  break
-done
-[ -n "$dev" ] || { bad find "no 1234:11e8 in /sys/bus/pci/devices"; exit 1; }
-ok find "${dev##*/}"
+. ./edu_find.sh
 read -r bar0 _end _flags < "$dev/resource"
 bar0=$((bar0))
 
