@@ -89,7 +89,8 @@ def test_guest_lifecycle(driver_name: str, machine: str, state_root: Path) -> No
             before = (await device_status(edu.qmp_path))["messages"].get("DeviceReset", 0)
             await driver.reset(runtime)
             after = (await device_status(edu.qmp_path))["messages"].get("DeviceReset", 0)
-            assert after == before + 1
+            # At least one: a guest-initiated reboot right after (e.g. during the reboot) adds more.
+            assert after >= before + 1
             assert all(pid_alive(r.pid) for r in runtime.remotes.values())
             # The rebooted guest comes back with the same devices.
             await asyncio.to_thread(wait_seen, console, {EDU, TESTDEV}, {LSI})
