@@ -26,7 +26,7 @@ from mpqemu_mgmt.guestkit.initramfs import GuestScript
 from mpqemu_mgmt.guestkit.kernel import Kernel
 from mpqemu_mgmt.guestkit.pcilist import by_ids, parse_pci_listing
 from mpqemu_mgmt.guestkit.qemu_argv import ProxyDevice
-from mpqemu_mgmt.guestkit.scripts import script_text
+from mpqemu_mgmt.guestkit.scripts import EDU_APPEND, EDU_ENV, script_text, verdicts
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 missing"),
@@ -35,8 +35,6 @@ pytestmark = [
     pytest.mark.timeout(180),
 ]
 
-DMA_BASE = 0x8000000
-APPEND = ("iomem=relaxed", f"memmap=1M${DMA_BASE:#x}")
 WRAPPER = """
 sh /guest/pci_list.sh
 echo "--- edu_check"
@@ -66,7 +64,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, guest_kernel: Kernel) -> Itera
         "s0": (LaunchRequest("s0", "pci-testdev", tmp / "s0.qmp", backend="qemu", log_path=tmp / "s0.log"),
                profile_for("qemu")),
     }
-    script = GuestScript(WRAPPER, name="main.sh", env={"EDU_DMA_BASE": f"{DMA_BASE:#x}"},
+    script = GuestScript(WRAPPER, name="main.sh", env=EDU_ENV,
                          files={"pci_list.sh": script_text("pci_list.sh").encode(),
                                 "edu_check.sh": script_text("edu_check.sh").encode()})
     with ExitStack() as stack:
@@ -81,7 +79,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, guest_kernel: Kernel) -> Itera
         result = boot_script(
             guest_kernel, script,
             proxies=tuple(ProxyDevice(name, r.proxy.fileno()) for name, r in remotes.items()),
-            append=APPEND, accel="tcg", timeout=120, serial_log=tmp / "serial.log")
+            append=EDU_APPEND, accel="tcg", timeout=120, serial_log=tmp / "serial.log")
         for name, r in remotes.items():  # still serving and still confined after the guest is done
             assert r.poll() is None, f"{name} ended with {r.poll()}: {r.log_path and r.log_path.read_text()}"
             assert _status(r.pid)["Seccomp"] == "2"
@@ -97,8 +95,7 @@ def test_guest_sees_all_three(run: Run) -> None:
 
 def test_edu_script_passes_confined(run: Run) -> None:
     part = run.result.transcript.split("--- edu_check", 1)[-1]
-    fails = [ln for ln in part.splitlines() if ln.startswith("FAIL")]
-    oks = {ln.split()[1] for ln in part.splitlines() if ln.startswith("ok ")}
+    oks, fails = verdicts(part)
     assert not fails, "\n".join(fails)
     assert run.result.status == 0, run.result.transcript[-3000:]
     assert {"id", "liveness", "factorials", "irq_raise", "irq_ack", "dma_roundtrip", "dma_bounds",

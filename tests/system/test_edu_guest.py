@@ -27,15 +27,13 @@ from mpqemu_mgmt.guestkit.initramfs import GuestScript
 from mpqemu_mgmt.guestkit.kernel import Kernel
 from mpqemu_mgmt.guestkit.pcilist import IORESOURCE_IO, IORESOURCE_MEM, by_ids, parse_pci_listing
 from mpqemu_mgmt.guestkit.qemu_argv import ProxyDevice
-from mpqemu_mgmt.guestkit.scripts import script_text
+from mpqemu_mgmt.guestkit.scripts import EDU_APPEND, EDU_ENV, script_text, verdicts
 from mpqemu_mgmt.testing.builtin_remote import BuiltinRemote
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 (7.2) is not installed"
 )
 
-DMA_BASE = 0x8000000  # 128 MiB: inside the 256 MiB guest, below edu's 28-bit dma_mask
-APPEND = ("iomem=relaxed", f"memmap=1M${DMA_BASE:#x}")
 
 WRAPPER = """
 sh /guest/pci_list.sh
@@ -74,7 +72,7 @@ def _boot_with_our_remotes(
             script,
             modules=modules,
             proxies=(ProxyDevice("t0", t_sock.fileno()), ProxyDevice("e0", e_sock.fileno())),
-            append=APPEND,
+            append=EDU_APPEND,
             accel=accel,
             timeout=timeout,
             serial_log=tmp_path / "serial.log",
@@ -91,7 +89,7 @@ def tcg_run(tmp_path_factory: pytest.TempPathFactory, guest_kernel: Kernel) -> I
     script = GuestScript(
         WRAPPER,
         name="main.sh",
-        env={"EDU_DMA_BASE": f"{DMA_BASE:#x}"},
+        env=EDU_ENV,
         files={
             "pci_list.sh": script_text("pci_list.sh").encode(),
             "edu_check.sh": script_text("edu_check.sh").encode(),
@@ -115,8 +113,7 @@ def test_guest_enumerates_our_devices(tcg_run: GuestRun) -> None:
 def test_edu_script_passes_against_our_edu(tcg_run: GuestRun) -> None:
     transcript = tcg_run.result.transcript
     edu_part = transcript.split("--- edu_check", 1)[-1]
-    fails = [ln for ln in edu_part.splitlines() if ln.startswith("FAIL")]
-    oks = {ln.split()[1] for ln in edu_part.splitlines() if ln.startswith("ok ")}
+    oks, fails = verdicts(edu_part)
     assert not fails, "\n".join(fails) + "\n" + tcg_run.edu.log_text()
     assert tcg_run.result.status == 0, transcript[-3000:]
     for check in (

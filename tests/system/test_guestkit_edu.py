@@ -10,7 +10,7 @@ import re
 from mpqemu_mgmt.guestkit.boot import BootResult, boot_script
 from mpqemu_mgmt.guestkit.kernel import Kernel
 from mpqemu_mgmt.guestkit.qemu11 import Qemu11
-from mpqemu_mgmt.guestkit.scripts import EDU_APPEND, EDU_ENV, guest_script
+from mpqemu_mgmt.guestkit.scripts import EDU_APPEND, EDU_ENV, guest_script, verdicts
 
 EDU_CHECKS = {
     "find", "bar0_size", "command", "id", "liveness", "liveness_zero", "factorials", "irq_idle",
@@ -19,14 +19,8 @@ EDU_CHECKS = {
 }
 
 
-def _verdicts(result: BootResult) -> tuple[set[str], list[str]]:
-    passed = set(re.findall(r"^ok (\S+)", result.transcript, re.M))
-    failed = re.findall(r"^FAIL .*$", result.transcript, re.M)
-    return passed, failed
-
-
 def _check_edu(result: BootResult) -> None:
-    passed, failed = _verdicts(result)
+    passed, failed = verdicts(result.transcript)
     assert failed == [], result.transcript
     assert passed == EDU_CHECKS, result.transcript
     assert result.status == 0
@@ -49,7 +43,7 @@ def test_edu_check_catches_a_device_without_dma(guest_kernel: Kernel, qemu72: st
     address to 0, hw/misc/edu.c edu_clamp_addr) fails the round trip, and only DMA checks fail."""
     result = boot_script(guest_kernel, guest_script("edu_check.sh", EDU_ENV),
                          devices=["edu,id=edu0,dma_mask=0"], append=EDU_APPEND, timeout=60)
-    passed, failed = _verdicts(result)
+    passed, failed = verdicts(result.transcript)
     assert result.status == len(failed) >= 1
     assert any(line.startswith("FAIL dma_roundtrip") for line in failed), result.transcript
     assert EDU_CHECKS - passed <= {"dma_roundtrip", "dma_bounds", "dma_no_master"}

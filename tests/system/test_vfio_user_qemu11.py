@@ -20,14 +20,13 @@ from mpqemu_mgmt.guestkit.boot import BootResult, boot_script
 from mpqemu_mgmt.guestkit.initramfs import GuestScript
 from mpqemu_mgmt.guestkit.kernel import Kernel
 from mpqemu_mgmt.guestkit.qemu11 import Qemu11
-from mpqemu_mgmt.guestkit.scripts import script_text
+from mpqemu_mgmt.guestkit.scripts import EDU_APPEND, EDU_ENV, script_text, verdicts
 from mpqemu_mgmt.testing.vfio_user_remote import VfioUserRemote
 
 DISK_BYTES = 16 << 20
 SEEK_BLOCKS = 16  # the pattern lands at 16 * 4096 in the backing file
 PATTERN_LINE = "MPQEMU-VFIO-USER-PATTERN-0123456789\n"
 PATTERN_BYTES = 64 * 1024
-DMA_BASE = 0x8000000  # a reserved 1 MiB of guest RAM for edu_check's DMA buffers
 
 
 def expected_pattern() -> bytes:
@@ -82,7 +81,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory, qemu11: Qemu11, guest_kernel
     script = GuestScript(
         BLK_SCRIPT,
         name="main.sh",
-        env={"EDU_DMA_BASE": f"{DMA_BASE:#x}"},
+        env=EDU_ENV,
         files={name: script_text(name).encode() for name in ("edu_irq_uio.sh", "edu_check.sh")},
     )
     with ExitStack() as stack:
@@ -93,7 +92,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory, qemu11: Qemu11, guest_kernel
             script,
             modules=("virtio_pci", "virtio_blk", "uio", "uio_pci_generic"),
             devices=(blk.device_json(), edu.device_json()),
-            append=("iomem=relaxed", f"memmap=1M${DMA_BASE:#x}"),
+            append=EDU_APPEND,
             accel="tcg",
             qemu_binary="qemu-system-x86_64",
             qemu_argv_prefix=qemu11.argv_prefix(binds=[blk.dir, edu.dir]),
@@ -118,8 +117,7 @@ def test_guest_virtio_blk_driver_over_vfio_user_with_interrupts(guest: Run) -> N
 def test_edu_check_passes_over_vfio_user(guest: Run) -> None:
     """The same edu_check.sh that passes against QEMU's in-process edu (DMA through the memfd)."""
     part = guest.result.transcript.split("--- edu_check", 1)[-1].split("--- edu_irq", 1)[0]
-    fails = [ln for ln in part.splitlines() if ln.startswith("FAIL")]
-    oks = {ln.split()[1] for ln in part.splitlines() if ln.startswith("ok ")}
+    oks, fails = verdicts(part)
     assert not fails, "\n".join(fails)
     for check in ("id", "liveness", "factorials", "irq_raise", "intx_raised", "irq_ack", "intx_lowered",
                   "fact_irq", "dma_roundtrip", "dma_bounds", "dma_irq", "dma_no_master"):

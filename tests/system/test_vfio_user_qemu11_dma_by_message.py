@@ -17,10 +17,8 @@ from mpqemu_mgmt.guestkit.boot import boot_script
 from mpqemu_mgmt.guestkit.initramfs import GuestScript
 from mpqemu_mgmt.guestkit.kernel import Kernel
 from mpqemu_mgmt.guestkit.qemu11 import Qemu11
-from mpqemu_mgmt.guestkit.scripts import script_text
+from mpqemu_mgmt.guestkit.scripts import EDU_APPEND, EDU_ENV, script_text
 from mpqemu_mgmt.testing.vfio_user_remote import VfioUserRemote
-
-DMA_BASE = 0x8000000
 
 
 def _ram_without_fd_wrapper(path: Path, prefix: list[str]) -> Path:
@@ -44,7 +42,7 @@ def test_edu_dma_by_message_with_qemu_11_1(tmp_path: Path, qemu11: Qemu11, guest
     script = GuestScript(
         "sh /guest/edu_check.sh",
         name="main.sh",
-        env={"EDU_DMA_BASE": f"{DMA_BASE:#x}"},
+        env=EDU_ENV,
         files={"edu_check.sh": script_text("edu_check.sh").encode()},
     )
     with VfioUserRemote("edu", "vedu0", workdir=tmp_path, extra_args=("--log-level", "info")) as edu:
@@ -53,7 +51,7 @@ def test_edu_dma_by_message_with_qemu_11_1(tmp_path: Path, qemu11: Qemu11, guest
             guest_kernel,
             script,
             devices=(edu.device_json(),),
-            append=("iomem=relaxed", f"memmap=1M${DMA_BASE:#x}"),
+            append=EDU_APPEND,
             qemu_binary=qemu11.binary,
             qemu_argv_prefix=[str(wrapper)],
             timeout=120,

@@ -16,7 +16,7 @@ from mpqemu_mgmt.guestkit.initramfs import MARKER, GuestScript, initramfs_entrie
 from mpqemu_mgmt.guestkit.pcilist import IORESOURCE_IO, IORESOURCE_MEM, by_ids, parse_pci_listing
 from mpqemu_mgmt.guestkit.qemu11 import bwrap_prefix, parse_device_names, parse_version
 from mpqemu_mgmt.guestkit.qemu_argv import BootSpec, ProxyDevice, parse_status, qemu_argv
-from mpqemu_mgmt.guestkit.scripts import EDU_APPEND, EDU_DMA_BASE, script_text
+from mpqemu_mgmt.guestkit.scripts import EDU_APPEND, EDU_DMA_BASE, script_text, verdicts
 from mpqemu_mgmt.guestkit.watch_guest import EDU, parse_pci_sets, watch_script
 
 SCRIPT = GuestScript("echo hi\n", name="check.sh", env={"A_B": "x y'z"}, files={"data.bin": b"\0\1"})
@@ -171,3 +171,14 @@ def test_pci_watch_script_and_its_parser() -> None:
         {"0000:00:00.0": "0x8086:0x1237"},
     ]
     assert parse_pci_sets("no listing yet") == []
+
+
+def test_verdicts_of_a_guest_script() -> None:
+    transcript = (
+        "[    1.2] kernel noise ok\nok find 0000:00:04.0\r\nok id 0x010000ed\n"
+        "FAIL dma_roundtrip data differs\nFAIL cfg_read short read at 4\n  ok indented\nedu_check: 2 failed\n"
+    )
+    passed, failed = verdicts(transcript)
+    assert passed == {"find", "id"}
+    assert failed == ["FAIL dma_roundtrip data differs", "FAIL cfg_read short read at 4"]
+    assert verdicts("") == (set(), [])

@@ -3,8 +3,9 @@
 Each ``*.sh`` here runs inside the test guest as ``/guest/<name>``; its exit status comes back as
 :attr:`mpqemu_mgmt.guestkit.boot.BootResult.status`. A line ``. ./<snippet>.sh`` in a script stands
 for a shared snippet (``edu_find.sh``: how the edu scripts find their device): :func:`script_text`
-inlines it, so the guest always gets one self-contained file, whoever ships it. This module only
-reads them.
+inlines it, so the guest always gets one self-contained file, whoever ships it. The scripts report
+one ``ok <check> ...`` or ``FAIL <check> ...`` line per check; :func:`verdicts` reads them back from
+a console transcript. This module only reads.
 """
 
 from __future__ import annotations
@@ -43,3 +44,10 @@ def script_text(name: str) -> str:
 def guest_script(name: str, env: Mapping[str, str] | None = None) -> GuestScript:
     """The shipped script ``name`` as a :class:`GuestScript` with ``env`` exported."""
     return GuestScript(script_text(name), name=name, env=dict(env or {}))
+
+
+def verdicts(transcript: str) -> tuple[set[str], list[str]]:
+    """``(passed, failed)``: the names of the checks reported ``ok``, and every ``FAIL`` line. Pure."""
+    passed = set(re.findall(r"^ok\s+(\S+)", transcript, re.MULTILINE))
+    failed = re.findall(r"^FAIL.*$", transcript, re.MULTILINE)
+    return passed, failed
