@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 import mpqemu_mgmt
-from mpqemu_mgmt.confine import credentials, namespaces, remote_argv, violations
+from mpqemu_mgmt.confine import credentials, lockdown, namespaces, remote_argv, seccomp_loader, violations
 from mpqemu_mgmt.confine.profile import (
     AppliedConfinement,
     ConfinementProfile,
@@ -344,6 +344,13 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
                                              seccomp=profile.seccomp.value, transport=request.transport,
                                              readonly=request.readonly)
             seccomp_label = profile.seccomp.value
+            if (profile.seccomp is not SeccompMode.OFF and request.transport == "mpqemu"
+                    and request.module == "mpqemu_mgmt.remote"):
+                # compile the allowlist here, so the remote loads raw BPF and never imports
+                # pyseccomp/ctypes.util (about 2 MiB of its resident memory; lockdown.py)
+                bpf = seccomp_loader.bpf_memfd(lockdown.load_policy(request.model), profile.seccomp)
+                owned.append(bpf)
+                inner += ["--seccomp-bpf-fd", str(bpf)]
         else:
             inner = remote_argv.qemu_argv(request.qemu_binary, request.device_id, request.model, fds,
                                           props=request.qemu_props, sandbox=profile.qemu_sandbox,

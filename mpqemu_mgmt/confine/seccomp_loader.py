@@ -15,6 +15,8 @@ Must not parse policy text or decide what to allow: that is policy.py's and the 
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 from typing import IO, Any
 
 import pyseccomp
@@ -118,6 +120,34 @@ def export_bpf(policy: Policy, mode: SeccompMode, out: IO[bytes]) -> None:
     """Write the raw BPF program (for tests and for ``bwrap --seccomp FD``)."""
     out.flush()
     build_filter(policy, mode).export_bpf(out)
+
+
+def bpf_memfd(policy: Policy, mode: SeccompMode) -> int:
+    """The raw BPF program in a sealed, close-on-exec memfd, for a remote's ``--seccomp-bpf-fd``.
+
+    The parent (the launcher) compiles, so the remote loads the program with plain seccomp(2)
+    (:func:`~mpqemu_mgmt.confine.lockdown.load_bpf`) and never imports libseccomp's bindings.
+    Sealed (no write, grow or shrink) so the program the remote reads is the one compiled here.
+    The caller owns the returned fd.
+    """
+    flt = build_filter(policy, mode)
+    fd = os.memfd_create("mpqemu-seccomp-bpf", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        with open(fd, "wb", closefd=False) as out:
+            flt.export_bpf(out)
+        fcntl.fcntl(
+            fd,
+            fcntl.F_ADD_SEALS,
+            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL,
+        )
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError as exc:
+        os.close(fd)
+        raise ConfinementError(f"cannot export the seccomp filter: {exc}") from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def export_pfc(policy: Policy, mode: SeccompMode, out: IO[str]) -> None:

@@ -2,13 +2,18 @@
 
     python -m mpqemu_mgmt.remote --device MODEL --fd N [--transport mpqemu|vfio-user]
         [--qmp-fd M | --qmp PATH] [--backing-fd K] [--readonly]
-        [--seccomp enforce|log|errno|off] [--log-level debug|info|warning|error]
+        [--seccomp enforce|log|errno|off] [--seccomp-bpf-fd K] [--log-level debug|info|warning|error]
 
 Order (crosvm's fork-then-jail, architecture.md "Confinement ordering"): parse the arguments;
 check and wrap every inherited fd (``--fd`` must be a connected AF_UNIX stream socket, ``--qmp-fd``
 a *listening* one that the manager bound: this process never creates paths, except with the
 development option ``--qmp PATH``); import and build everything the loop will use; then
 ``lock_down`` (no_new_privs, not dumpable, the model's seccomp allowlist); then serve.
+
+The allowlist comes precompiled from the launcher on ``--seccomp-bpf-fd`` (a sealed memfd with the
+raw BPF program, read and closed at start), so this process never imports libseccomp's bindings;
+without that option (a remote started by hand) the policy is compiled here, at the cost of
+about 2 MiB of resident memory (confine/lockdown.py).
 
 Exit status: 0 when the peer closes the socket (or QMP ``quit``), 1 on a protocol error, 2 for bad
 arguments, 4 when confinement cannot be applied, 130 on SIGINT.
@@ -55,9 +60,18 @@ class _Log:
         self.emit(40, message)
 
 
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=100)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m mpqemu_mgmt.remote", description="mpqemu-mgmt remote device process"
+        prog="python -m mpqemu_mgmt.remote",
+        description="mpqemu-mgmt remote device process",
+        # a fixed width: HelpFormatter would otherwise import shutil (for the terminal size), and
+        # with it lzma, bz2, zlib, fnmatch and locale, ~0.5 MiB of this process's resident memory
+        formatter_class=_Formatter,
     )
     p.add_argument("--device", required=True, metavar="MODEL", help="pci-testdev, edu or virtio-blk")
     p.add_argument(
@@ -70,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backing-fd", type=int, metavar="K", help="inherited backing file (virtio-blk)")
     p.add_argument("--readonly", action="store_true", help="the backing file is read-only")
     p.add_argument("--seccomp", choices=("enforce", "log", "errno", "off"), default="enforce")
+    p.add_argument(
+        "--seccomp-bpf-fd", type=int, metavar="K",
+        help="inherited fd with the seccomp filter precompiled by the launcher (raw BPF)",
+    )  # fmt: skip
     p.add_argument("--log-level", choices=tuple(_LEVELS), default="warning")
     return p.parse_args(argv)
 
@@ -97,7 +115,16 @@ def _backing(fd: int, readonly: bool) -> IO[bytes]:
     return os.fdopen(fd, "rb" if readonly else "r+b", buffering=0)
 
 
-def _confine(model: str, mode: str) -> None:
+def _read_bpf(fd: int | None) -> bytes | None:
+    """The precompiled filter from ``--seccomp-bpf-fd`` (read and closed now, before serving)."""
+    if fd is None:
+        return None
+    from mpqemu_mgmt.confine.lockdown import read_bpf
+
+    return read_bpf(fd)
+
+
+def _confine(model: str, mode: str, bpf: bytes | None = None) -> None:
     try:
         from mpqemu_mgmt.confine.lockdown import lock_down
     except ImportError as exc:
@@ -106,7 +133,7 @@ def _confine(model: str, mode: str) -> None:
         from mpqemu_mgmt.errors import ConfinementError
 
         raise ConfinementError(f"--seccomp {mode} requested but confinement is unavailable: {exc}") from exc
-    lock_down(model=model, mode=mode)
+    lock_down(model=model, mode=mode, bpf=bpf)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, log: _Log) -> int:
     if args.transport == "vfio-user":
+        # vfio_user_serve compiles its filter itself: a precompiled one is not left open
+        _read_bpf(args.seccomp_bpf_fd)
         return _run_vfio_user(args, log)
 
     from mpqemu_mgmt.devices import catalogue
@@ -132,6 +161,7 @@ def _run(args: argparse.Namespace, log: _Log) -> int:
     from mpqemu_mgmt.remote.serve import Remote
     from mpqemu_mgmt.remote.timers import TimerQueue
 
+    bpf = _read_bpf(args.seccomp_bpf_fd)
     sock = _inherited_socket(args.fd, "--fd", listening=False)
     listener = None
     if args.qmp_fd is not None:
@@ -159,7 +189,7 @@ def _run(args: argparse.Namespace, log: _Log) -> int:
     )
     if listener is not None:
         remote.attach_qmp(listener)
-    _confine(args.device, args.seccomp)
+    _confine(args.device, args.seccomp, bpf)
     try:
         return remote.run()
     finally:

@@ -22,7 +22,6 @@ all-ones).
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Callable
 
 from mpqemu_mgmt.devices.base import PciDeviceModel
@@ -74,6 +73,8 @@ class MpqemuDispatcher:
         elif isinstance(exc, MpqemuError):
             self._log(f"{what}: {exc}")
         else:
+            import traceback  # only for a model bug: kept out of the resident set otherwise
+
             self._log(f"{what}: device model bug: {''.join(traceback.format_exception(exc)).rstrip()}")
         return _FAIL
 
