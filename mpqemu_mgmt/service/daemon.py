@@ -56,10 +56,6 @@ Args = dict[str, Any]
 Result = dict[str, Any]
 
 
-async def _no_progress(_text: str) -> None:
-    return None
-
-
 StepRecorder = Callable[[int, Any], None]
 
 
