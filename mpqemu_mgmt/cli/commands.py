@@ -2,6 +2,8 @@
 layout to show it in) or runs until interrupted (``serve``, ``events --follow``); none prints data
 itself except those two streaming commands. Mutations and live state go through the service's
 control API; ``plan``, ``xml``, ``logs``, ``events`` and ``hook`` read files and work without it.
+The commands must not talk to QEMU, libvirt or a remote themselves (``hook`` hands over to
+:mod:`mpqemu_mgmt.hook`, ``demo`` to :mod:`mpqemu_mgmt.cli.demo`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ code=0x80000000`` (kernel/seccomp.c audit_seccomp; KILL_PROCESS is 0x80000000, L
 ERRNO 0x00050000). Those lines are read from /dev/kmsg when it is readable; otherwise the report
 says so (dmesg_restrict, no CAP_SYSLOG).
 
-:func:`parse_audit` and :func:`classify_exit` are pure; :func:`read_kmsg` is the IO.
+:func:`parse_audit` and :func:`classify_exit` are pure; :func:`read_kmsg` is the IO. This module
+must not signal, kill or wait for processes: it only explains an exit that already happened.
 """
 
 from __future__ import annotations
