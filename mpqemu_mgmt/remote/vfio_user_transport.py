@@ -49,7 +49,8 @@ def send_all(sock: socket.socket, data: bytes, fds: tuple[int, ...] = ()) -> Non
         sock.sendall(view)
 
 
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+def fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """Every fd number in ``recvmsg``'s ancillary data (SCM_RIGHTS), in order; the caller owns them."""
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -90,7 +91,7 @@ class VfioUserTransport:
                 data, ancdata, flags, _ = self.sock.recvmsg(
                     wire.HEADER_SIZE - len(head), self._cmsg, socket.MSG_CMSG_CLOEXEC
                 )
-                fds += _fds_from(ancdata)
+                fds += fds_from(ancdata)
                 if flags & socket.MSG_CTRUNC:
                     raise TooManyFds("control data truncated: more fds than allowed")
                 if not data:

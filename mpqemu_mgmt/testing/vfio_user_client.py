@@ -10,7 +10,6 @@ Test tooling (an IO shell): it must not be imported by the remote or the service
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import socket
@@ -20,7 +19,7 @@ from mpqemu_mgmt.errors import InvalidMessage, ProtocolError, TruncatedMessage
 from mpqemu_mgmt.protocol.vfio_user import codec, wire
 from mpqemu_mgmt.protocol.vfio_user import messages as m
 from mpqemu_mgmt.protocol.vfio_user.wire import Header
-from mpqemu_mgmt.remote.vfio_user_transport import send_all
+from mpqemu_mgmt.remote.vfio_user_transport import fds_from, send_all
 
 QEMU_CAPABILITIES = {
     "max_msg_fds": 16,
@@ -57,12 +56,7 @@ class VfioUserClient:
 
     def recv(self) -> tuple[Header, bytes, tuple[int, ...]]:
         data, anc, _flags, _ = self.sock.recvmsg(16, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC)
-        fds: list[int] = []
-        for level, kind, blob in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(blob[: len(blob) - len(blob) % 4])
-                fds.extend(arr)
+        fds = fds_from(anc)
         if not data:
             raise TruncatedMessage("server closed the socket")
         head = data + self._recv_exact(16 - len(data))
