@@ -18,13 +18,13 @@ import contextlib
 import mmap
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mpqemu_mgmt.protocol import OwnedFd, SysmemRegion
+from mpqemu_mgmt.testing.logged_process import LoggedProcess, on_socketpair
 from mpqemu_mgmt.testing.proxysim import ProbeResult, ProxySim, memfd_region
 from mpqemu_mgmt.testing.stock_remote import StockRemote, settle
 from mpqemu_mgmt.testing.virtio_driver import GuestRam, ProxySimBus, VirtioBlkDriver
@@ -35,8 +35,13 @@ PCI_COMMAND = 0x04
 COMMAND_IO_MEM_MASTER = 0x7
 
 
-class BuiltinBlkRemote:
-    """Our remote serving virtio-blk on an inherited socket with an inherited backing fd."""
+class BuiltinBlkRemote(LoggedProcess):
+    """Our remote serving virtio-blk on an inherited socket with an inherited backing fd.
+
+    A :class:`~mpqemu_mgmt.testing.logged_process.LoggedProcess` (spawn, log, stop, reap) rather
+    than a :class:`~mpqemu_mgmt.testing.builtin_remote.BuiltinRemote`: the latter inherits only
+    the socket and QMP fds, and the backing fd must be inherited too.
+    """
 
     def __init__(
         self,
@@ -49,78 +54,30 @@ class BuiltinBlkRemote:
         extra_args: Sequence[str] = (),
         name: str = "builtin-blk",
     ) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / f"{name}.log"
-        backing = os.open(image, os.O_RDONLY if readonly else os.O_RDWR)
-        self.argv = [
+        try:
+            backing = os.open(image, os.O_RDONLY if readonly else os.O_RDWR)
+        except BaseException:
+            # ``remote_fd`` is ours from the call on, as LoggedProcess's pass_fds are.
+            os.close(remote_fd)
+            raise
+        argv = [
             sys.executable, "-m", "mpqemu_mgmt.remote", "--device", "virtio-blk",
             "--fd", str(remote_fd), "--backing-fd", str(backing), "--seccomp", seccomp,
             *(["--readonly"] if readonly else []), *extra_args,
         ]  # fmt: skip
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        try:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=self._log,
-                pass_fds=(remote_fd, backing),
-                close_fds=True,
-            )
-        except BaseException:
-            self._log.close()
-            raise
-        finally:
-            os.close(remote_fd)
-            os.close(backing)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self, timeout: float = 5.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        if not self._log.closed:
-            self._log.close()
-        return self.proc.returncode
+        super().__init__(argv, workdir=workdir, name=name, pass_fds=(remote_fd, backing))
 
 
 @contextlib.contextmanager
 def builtin_blk(
     image: Path, *, workdir: Path, readonly: bool = False, seccomp: str = "enforce"
 ) -> Iterator[tuple[BuiltinBlkRemote, socket.socket]]:
-    proxy_end, remote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        remote = BuiltinBlkRemote(
-            image, remote_end.detach(), workdir=workdir, readonly=readonly, seccomp=seccomp
-        )
-    except BaseException:
-        proxy_end.close()
-        raise
-    try:
-        yield remote, proxy_end
-    finally:
-        proxy_end.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            remote.wait(2.0)
-        remote.stop()
+    def spawn(remote_fd: int) -> BuiltinBlkRemote:
+        return BuiltinBlkRemote(image, remote_fd, workdir=workdir, readonly=readonly, seccomp=seccomp)
+
+    # Closing the proxy end is the polite stop (the remote exits 0 on EOF); 2 s as BuiltinRemote.
+    with on_socketpair(spawn, grace=2.0) as pair:
+        yield pair
 
 
 @contextlib.contextmanager
