@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from mpqemu_mgmt.errors import MpqemuError
+from mpqemu_mgmt.guestkit.qemu11 import Qemu11
 from mpqemu_mgmt.testing.vfio_user_remote import VfioUserRemote
 
 
@@ -63,15 +63,9 @@ class Qmp:
 
 
 @pytest.fixture
-def qemu11_vm(tmp_path: Path) -> Iterator[tuple[Qmp, Path, subprocess.Popen[bytes]]]:
-    from mpqemu_mgmt.guestkit.qemu11 import fetch_qemu11
-
-    try:
-        q = fetch_qemu11()
-    except MpqemuError as exc:
-        pytest.skip(f"QEMU 11.1 (sid root) is not available: {exc}")
+def qemu11_vm(tmp_path: Path, qemu11: Qemu11) -> Iterator[tuple[Qmp, Path, subprocess.Popen[bytes]]]:
     qmp_path = tmp_path / "qmp.sock"
-    argv = [*q.command(binds=[tmp_path]), "-nodefaults", "-display", "none", "-accel", "tcg",
+    argv = [*qemu11.command(binds=[tmp_path]), "-nodefaults", "-display", "none", "-accel", "tcg",
             "-object", "memory-backend-memfd,id=mem,size=128M,share=on",
             "-machine", "pc,memory-backend=mem", "-m", "128M",
             "-qmp", f"unix:{qmp_path},server=on,wait=off"]
