@@ -33,12 +33,15 @@ install_venv() {
   local py=/usr/bin/python3
   [ -x "$py" ] || py="$(command -v python3)"
   local stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-  if [ ! -f "$stamp" ]; then
-    log "building .venv with $py"
-    rm -rf .venv
+  if [ ! -x .venv/bin/python ]; then
+    log "creating .venv with $py"
     "$py" -m venv .venv
     .venv/bin/pip install -q --upgrade pip >&2
+  fi
+  if [ ! -f "$stamp" ]; then
+    log "installing the package and its test extra into .venv"
     .venv/bin/pip install -q -e '.[test]' >&2
+    rm -f .venv/.installed-*
     touch "$stamp"
   fi
 }
