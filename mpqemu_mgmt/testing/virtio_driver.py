@@ -21,7 +21,6 @@ import mmap
 import os
 import select
 import struct
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,22 +44,17 @@ from mpqemu_mgmt.devices.virtio.constants import (
     LegacyReg,
     Status,
 )
-from mpqemu_mgmt.devices.virtio.ring import legacy_ring_layout, vring_need_event
+from mpqemu_mgmt.devices.virtio.vring import (
+    DESC,
+    USED_ELEM,
+    SplitRing,
+    full_barrier,
+    legacy_ring_layout,
+    vring_need_event,
+)
 from mpqemu_mgmt.errors import DeviceError, DmaError, ProcessFailed
 
-_DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_USED = struct.Struct("<II")
 _OUTHDR = struct.Struct("<IIQ")
-
-
-_BARRIER = threading.Lock()
-
-
-def _full_barrier() -> None:
-    """A full fence (a locked instruction) between the used_event store and the used.idx load."""
-    _BARRIER.acquire()
-    _BARRIER.release()
 
 
 # -- guest RAM ----------------------------------------------------------------------------------
@@ -331,7 +325,8 @@ class VirtioBlkDriver:
         self.ram.reset()
         self.desc = self.ram.alloc(total, align=4096)
         self.ram.write(self.desc, bytes(total))
-        self.avail, self.used, _ = legacy_ring_layout(self.desc, self.num)
+        self.ring = SplitRing.legacy(self.desc, self.num)
+        self.avail, self.used = self.ring.avail, self.ring.used
         self.ram.mark()
         b.write(LegacyReg.QUEUE_PFN, 4, self.desc >> QUEUE_ADDR_SHIFT)
         b.write(LegacyReg.STATUS, 1, Status.ACKNOWLEDGE | Status.DRIVER | Status.DRIVER_OK)
@@ -360,34 +355,35 @@ class VirtioBlkDriver:
     # -- raw ring access (hostile tests) --------------------------------------------------------
 
     def put_desc(self, index: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
-        self.ram.write(self.desc + DESC_SIZE * index, _DESC.pack(addr, length, flags, nxt))
+        self.ram.write(self.ring.desc_entry(index), DESC.pack(addr, length, flags, nxt))
 
     def publish(self, head: int) -> None:
         """Put ``head`` in the next avail slot and advance avail.idx."""
         slot = self._avail_idx % self.num
-        self.ram.put_u16(self.avail + 4 + 2 * slot, head)
+        self.ram.put_u16(self.ring.avail_slot(slot), head)
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        self.ram.put_u16(self.avail + 2, self._avail_idx)
+        self.ram.put_u16(self.ring.avail_idx, self._avail_idx)
 
     def set_avail_idx(self, value: int) -> None:
         self._avail_idx = value & 0xFFFF
-        self.ram.put_u16(self.avail + 2, self._avail_idx)
+        self.ram.put_u16(self.ring.avail_idx, self._avail_idx)
 
     def set_avail_flags(self, flags: int) -> None:
-        self.ram.put_u16(self.avail, flags)
+        self.ram.put_u16(self.ring.avail_flags, flags)
 
     def used_idx(self) -> int:
-        return self.ram.u16(self.used + 2)
+        return self.ram.u16(self.ring.used_idx)
 
     def used_elem(self, slot: int) -> tuple[int, int]:
-        id_, ln = _USED.unpack(self.ram.read(self.used + 4 + 8 * (slot % self.num), 8))
+        gpa = self.ring.used_slot(slot % self.num)
+        id_, ln = USED_ELEM.unpack(self.ram.read(gpa, USED_ELEM.size))
         return int(id_), int(ln)
 
     def avail_event(self) -> int:
-        return self.ram.u16(self.used + 4 + 8 * self.num)
+        return self.ram.u16(self.ring.avail_event)
 
     def set_used_event(self, value: int) -> None:
-        self.ram.put_u16(self.avail + 4 + 2 * self.num, value)
+        self.ram.put_u16(self.ring.used_event, value)
 
     # -- request queueing -----------------------------------------------------------------------
 
@@ -419,7 +415,7 @@ class VirtioBlkDriver:
             table = ram.alloc(DESC_SIZE * len(bufs))
             for i, (a, n, fl) in enumerate(bufs):
                 more = DESC_F_NEXT if i + 1 < len(bufs) else 0
-                ram.write(table + DESC_SIZE * i, _DESC.pack(a, n, fl | more, i + 1 if more else 0))
+                ram.write(table + DESC_SIZE * i, DESC.pack(a, n, fl | more, i + 1 if more else 0))
             bufs = [(table, DESC_SIZE * len(bufs), DESC_F_INDIRECT)]
         if len(bufs) > len(self._free):
             raise DeviceError("descriptor table full")
@@ -440,7 +436,7 @@ class VirtioBlkDriver:
             if self.event_idx:
                 if not vring_need_event(self.avail_event(), new, old):
                     return False
-            elif self.ram.u16(self.used) & USED_F_NO_NOTIFY:
+            elif self.ram.u16(self.ring.used_flags) & USED_F_NO_NOTIFY:
                 return False
         self.kicks += 1
         self.bus.write(LegacyReg.QUEUE_NOTIFY, 2, 0)
@@ -461,7 +457,7 @@ class VirtioBlkDriver:
                 if not self.event_idx:
                     return done
                 self.set_used_event(self._last_used)
-                _full_barrier()
+                full_barrier()
                 if self.used_idx() == self._last_used:
                     return done
                 continue

@@ -19,7 +19,8 @@ from mpqemu_mgmt.devices.virtio.constants import (
     DESC_F_NEXT,
     DESC_F_WRITE,
 )
-from mpqemu_mgmt.devices.virtio.ring import SplitQueue, legacy_ring_layout, vring_need_event
+from mpqemu_mgmt.devices.virtio.ring import SplitQueue
+from mpqemu_mgmt.devices.virtio.vring import SplitRing, legacy_ring_layout, vring_need_event
 from mpqemu_mgmt.errors import VirtqueueError
 from mpqemu_mgmt.testing.virtio_driver import FlatGuestMemory
 
@@ -77,6 +78,20 @@ def test_legacy_layout_matches_virtio_queue_update_rings() -> None:
     # 256 entries: desc 4096 bytes, avail 4+512 (+2) bytes, used on the next page.
     assert legacy_ring_layout(0x10000, 256) == (0x11000, 0x12000, 0x2000 + 4 + 8 * 256 + 2)
     assert legacy_ring_layout(0x10000, 16) == (0x10100, 0x11000, 0x1000 + 4 + 8 * 16 + 2)
+
+
+def test_split_ring_field_addresses() -> None:
+    # The one table of offsets the device and the test driver share, pinned field by field.
+    r = SplitRing.legacy(0x10000, 16)
+    assert r == SplitRing(0x10000, 0x10100, 0x11000, 16)
+    assert (r.desc_entry(0), r.desc_entry(15)) == (0x10000, 0x100F0)
+    assert (r.avail_flags, r.avail_idx) == (0x10100, 0x10102)
+    assert (r.avail_slot(0), r.avail_slot(15), r.used_event) == (0x10104, 0x10122, 0x10124)
+    assert (r.used_flags, r.used_idx) == (0x11000, 0x11002)
+    assert (r.used_slot(0), r.used_slot(15)) == (0x11004, 0x1107C)
+    assert r.avail_event == 0x11084
+    # legacy_ring_layout's total ends right after avail_event
+    assert r.desc + legacy_ring_layout(r.desc, r.num)[2] == r.avail_event + 2
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,6 @@ This module must not do IO of its own, know about PCI, or know what the buffers 
 
 from __future__ import annotations
 
-import struct
-import threading
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import NamedTuple
@@ -29,48 +27,22 @@ from mpqemu_mgmt.devices.virtio.constants import (
     DESC_F_NEXT,
     DESC_F_WRITE,
     DESC_SIZE,
-    USED_ELEM_SIZE,
     VIRTQUEUE_MAX_SIZE,
-    VRING_ALIGN,
+)
+from mpqemu_mgmt.devices.virtio.vring import (
+    DESC,
+    U16,
+    USED_ELEM,
+    SplitRing,
+    full_barrier,
+    legacy_ring_layout,
+    vring_need_event,
 )
 from mpqemu_mgmt.errors import DmaError, VirtqueueError
 
-_DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
-_BARRIER = threading.Lock()
 #: granularity of the cached guest-RAM windows buffers are sliced from
 _WINDOW = 1 << 21
 _MISSING = object()
-
-
-def _full_barrier() -> None:
-    """A full memory fence between our used/avail_event stores and the next avail load.
-
-    Mirrors the ``smp_mb()`` in QEMU's ``virtio_queue_set_notification`` and
-    ``virtio_should_notify`` (hw/virtio/virtio.c): x86 may reorder a store before a later
-    load; a lock round trip is a locked instruction, which orders both.
-    """
-    _BARRIER.acquire()
-    _BARRIER.release()
-
-
-def legacy_ring_layout(desc_addr: int, num: int) -> tuple[int, int, int]:
-    """``(avail, used, total_bytes)`` of a legacy ring at ``desc_addr`` with ``num`` entries.
-
-    Mirrors ``virtio_queue_update_rings`` (hw/virtio/virtio.c): avail follows the descriptor
-    table, used starts at the next VIRTIO_PCI_VRING_ALIGN (4096) boundary after
-    ``avail.ring[num]``; ``total_bytes`` ends after ``used.avail_event``.
-    """
-    avail = desc_addr + DESC_SIZE * num
-    used = (avail + 4 + 2 * num + VRING_ALIGN - 1) & ~(VRING_ALIGN - 1)
-    end = used + 4 + USED_ELEM_SIZE * num + 2
-    return avail, used, end - desc_addr
-
-
-def vring_need_event(event: int, new: int, old: int) -> bool:
-    """virtio_ring.h ``vring_need_event``: did ``new`` step past ``event`` since ``old``?"""
-    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
 class Chain(NamedTuple):
@@ -101,10 +73,14 @@ class _Ring:
 
     def __init__(self, mem: GuestMemory, q: SplitQueue) -> None:
         self._mem = mem
-        self._num = q.num
-        self._desc = q.desc_addr
-        self._avail = q.avail_addr
-        self._used = q.used_addr
+        self.layout = lay = q.layout()
+        self._desc = lay.desc
+        # the fixed fields' addresses, looked up once per session rather than once per access
+        self._avail_flags = lay.avail_flags
+        self._avail_idx = lay.avail_idx
+        self._used_event = lay.used_event
+        self._used_idx = lay.used_idx
+        self._avail_event = lay.avail_event
         self._view: memoryview | None = None
         self._v16: memoryview | None = None
         self._u32: memoryview | None = None
@@ -116,10 +92,10 @@ class _Ring:
                 # Part of the ring is outside RAM or straddles two regions: fall back to
                 # checked copies, which raise DmaError on the offending access only.
                 return
-            used = q.used_addr - q.desc_addr
             self._view = view
             self._v16 = view.cast("H")
-            self._u32 = view[used : used + 4 + USED_ELEM_SIZE * q.num].cast("I")
+            # used.flags/idx, then used.ring[] as 32-bit words (see put_used)
+            self._u32 = view[lay.used - lay.desc : lay.avail_event - lay.desc].cast("I")
 
     def close(self) -> None:
         for v in (self._u32, self._v16, self._view):
@@ -130,28 +106,28 @@ class _Ring:
     def _u16(self, gpa: int) -> int:
         if self._v16 is not None:
             return int(self._v16[(gpa - self._desc) >> 1])
-        return int(_U16.unpack(self._mem.read(gpa, 2))[0])
+        return int(U16.unpack(self._mem.read(gpa, 2))[0])
 
     def _put_u16(self, gpa: int, value: int) -> None:
         if self._v16 is not None:
             self._v16[(gpa - self._desc) >> 1] = value & 0xFFFF
         else:
-            self._mem.write(gpa, _U16.pack(value & 0xFFFF))
+            self._mem.write(gpa, U16.pack(value & 0xFFFF))
 
     def avail_flags(self) -> int:
-        return self._u16(self._avail)
+        return self._u16(self._avail_flags)
 
     def avail_idx(self) -> int:
-        return self._u16(self._avail + 2)
+        return self._u16(self._avail_idx)
 
     def avail_ring(self, slot: int) -> int:
-        return self._u16(self._avail + 4 + 2 * slot)
+        return self._u16(self.layout.avail_slot(slot))
 
     def used_event(self) -> int:
-        return self._u16(self._avail + 4 + 2 * self._num)
+        return self._u16(self._used_event)
 
     def set_avail_event(self, value: int) -> None:
-        self._put_u16(self._used + 4 + USED_ELEM_SIZE * self._num, value)
+        self._put_u16(self._avail_event, value)
 
     def v16(self) -> memoryview | None:
         """The ring as 16-bit words (aligned single accesses), or None without a ring view."""
@@ -164,21 +140,22 @@ class _Ring:
     def desc(self, index: int) -> tuple[int, int, int, int]:
         # Descriptors are written before they are published and not touched while in flight,
         # so a plain (byte-wise) unpack is safe here.
-        gpa = self._desc + DESC_SIZE * index
+        gpa = self.layout.desc_entry(index)
         if self._view is not None:
-            return _DESC.unpack_from(self._view, gpa - self._desc)
-        return _DESC.unpack(self._mem.read(gpa, DESC_SIZE))
+            return DESC.unpack_from(self._view, gpa - self._desc)
+        return DESC.unpack(self._mem.read(gpa, DESC_SIZE))
 
     def put_used(self, slot: int, head: int, length: int) -> None:
         if self._u32 is not None:
+            # word 0 is used.flags + used.idx; each vring_used_elem is two words after it
             i = 1 + 2 * slot
             self._u32[i] = head
             self._u32[i + 1] = length
         else:
-            self._mem.write(self._used + 4 + USED_ELEM_SIZE * slot, _USED_ELEM.pack(head, length))
+            self._mem.write(self.layout.used_slot(slot), USED_ELEM.pack(head, length))
 
     def set_used_idx(self, value: int) -> None:
-        self._put_u16(self._used + 2, value)
+        self._put_u16(self._used_idx, value)
 
 
 @dataclass
@@ -229,6 +206,10 @@ class SplitQueue:
         # A new ring means the last signalled index means nothing any more.
         self.signalled_used_valid = False
 
+    def layout(self) -> SplitRing:
+        """Where this queue's ring fields are in guest memory (as last placed)."""
+        return SplitRing(self.desc_addr, self.avail_addr, self.used_addr, self.num)
+
     def session(self, mem: GuestMemory) -> RingSession:
         return RingSession(self, mem)
 
@@ -248,7 +229,7 @@ class RingSession:
         self._ring = _Ring(mem, queue)
         # fast path for the avail ring entries: 16-bit index of avail.ring[0] in the ring view
         self._v16 = self._ring.v16()
-        self._slot0 = (queue.avail_addr + 4 - queue.desc_addr) >> 1
+        self._slot0 = (self._ring.layout.avail_slot(0) - queue.desc_addr) >> 1
         self._held: list[memoryview] = []
         self._windows: dict[int, memoryview | None] = {}
         #: avail.idx as last read (QEMU's shadow_avail_idx): re-read only when caught up
@@ -359,7 +340,7 @@ class RingSession:
         q = self.queue
         ring = self._ring
         src = ring.desc_view()  # the descriptor table, or None: read through GuestMemory
-        unpack = _DESC.unpack_from
+        unpack = DESC.unpack_from
         max_entries = q.num
         if src is not None:
             addr, length, flags, nxt = unpack(src, DESC_SIZE * head)
@@ -437,7 +418,7 @@ class RingSession:
             return False
         if q.event_idx:
             self._set_avail_event(self._ring.avail_idx())
-        _full_barrier()
+        full_barrier()
         return not self.empty()
 
     # -- used side --------------------------------------------------------------------------
@@ -471,7 +452,7 @@ class RingSession:
         q = self.queue
         if not q.ready:
             return False
-        _full_barrier()
+        full_barrier()
         try:
             if q.notify_on_empty and q.inuse == 0 and self.empty():
                 return True
