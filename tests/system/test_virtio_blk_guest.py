@@ -15,15 +15,15 @@ import hashlib
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from mpqemu_mgmt.errors import MpqemuError
 from mpqemu_mgmt.guestkit.boot import BootResult, boot_script
 from mpqemu_mgmt.guestkit.initramfs import GuestScript
+from mpqemu_mgmt.guestkit.kernel import Kernel
 from mpqemu_mgmt.guestkit.pcilist import IORESOURCE_IO, by_ids, parse_pci_listing
 from mpqemu_mgmt.guestkit.qemu_argv import ProxyDevice
 from mpqemu_mgmt.guestkit.scripts import script_text
@@ -59,25 +59,21 @@ echo "WANT $(md5sum < /guest/pattern)"
 """
 
 
-def _kernel() -> object:
-    from mpqemu_mgmt.guestkit.kernel import fetch_kernel
-
-    try:
-        return fetch_kernel()
-    except MpqemuError as exc:
-        pytest.skip(f"no test-guest kernel available: {exc}")
-
-
 def _boot(
-    tmp_path: Path, script: GuestScript, accel: str, modules: tuple[str, ...] = (), timeout: float = 90.0
-) -> Iterator[tuple[BootResult, BuiltinBlkRemote, Path]]:
-    kernel = _kernel()
+    kernel: Kernel,
+    tmp_path: Path,
+    script: GuestScript,
+    accel: str,
+    *,
+    modules: tuple[str, ...] = (),
+    timeout: float = 90.0,
+) -> Generator[tuple[BootResult, BuiltinBlkRemote, Path], None, None]:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(IMAGE))
     with ExitStack() as stack:
         remote, sock = stack.enter_context(builtin_blk(image, workdir=tmp_path, seccomp="enforce"))
         result = boot_script(
-            kernel,  # type: ignore[arg-type]
+            kernel,
             script,
             modules=modules,
             proxies=(ProxyDevice("vb0", sock.fileno()),),
@@ -89,11 +85,11 @@ def _boot(
     assert remote.proc.returncode == 0, remote.log_text()
 
 
-def test_guest_enumerates_and_reads_registers_tcg(tmp_path: Path) -> None:
+def test_guest_enumerates_and_reads_registers_tcg(guest_kernel: Kernel, tmp_path: Path) -> None:
     script = GuestScript(
         REGS_SCRIPT, name="regs.sh", files={"pci_list.sh": script_text("pci_list.sh").encode()}
     )
-    runs = _boot(tmp_path, script, "tcg")
+    runs = _boot(guest_kernel, tmp_path, script, "tcg")
     result, remote, _ = next(runs)
     try:
         assert result.status == 0, result.transcript[-3000:]
@@ -112,15 +108,15 @@ def test_guest_enumerates_and_reads_registers_tcg(tmp_path: Path) -> None:
         runs.close()
 
 
-def test_guest_virtio_blk_dd_roundtrip_kvm(tmp_path: Path) -> None:
-    from mpqemu_mgmt.guestkit.kvm import kvm_can_boot_linux
-
-    ok, reason = kvm_can_boot_linux()
+def test_guest_virtio_blk_dd_roundtrip_kvm(
+    kvm_boot: tuple[bool, str], guest_kernel: Kernel, tmp_path: Path
+) -> None:
+    ok, reason = kvm_boot
     if not ok:
         pytest.skip(f"the guest's virtio_blk needs interrupts; x-pci-proxy-dev has only KVM irqfds: {reason}")
     pattern = random.Random(11).randbytes(256 * 4096)
     script = GuestScript(DD_SCRIPT, name="dd.sh", files={"pattern": pattern})
-    runs = _boot(tmp_path, script, "kvm", modules=("virtio_pci", "virtio_blk"), timeout=90)
+    runs = _boot(guest_kernel, tmp_path, script, "kvm", modules=("virtio_pci", "virtio_blk"), timeout=90)
     result, _remote, image = next(runs)
     try:
         assert result.status == 0, result.transcript[-3000:]
