@@ -36,6 +36,7 @@ from typing import Any
 
 from mpqemu_mgmt.devices.base import PciDeviceModel
 from mpqemu_mgmt.errors import ProtocolError
+from mpqemu_mgmt.protocol.messages import SetIrqfd
 from mpqemu_mgmt.remote.dispatch import MpqemuDispatcher
 from mpqemu_mgmt.remote.irq import EventfdIrq
 from mpqemu_mgmt.remote.memory import MappedGuestMemory
@@ -155,44 +156,61 @@ class Remote:
         timers = self.timers
         irq = self.irq
         handle = self._handle_message
+        read = self.transport.read_message
+        send = self.transport.send_message
+        dispatch = self.dispatcher.handle
         clock = time.monotonic
         hot = False
         looked = 0.0
+        # the watched fds change only with SET_IRQFD (a new resamplefd) or QMP (dis)connections:
+        # look them up again only after those, since this loop runs once per guest access
+        rekey = True
         try:
             while True:
                 pending = bool(timers)
                 if pending:
                     timers.run_due()
                     pending = bool(timers)
-                # re-register only when SET_IRQFD or a QMP (dis)connection changed the fd set:
-                # this loop runs once per guest access, so it stays lean
-                new_key = self._watch_key()
-                if new_key != key:
-                    for fd in key:
-                        if fd is not None:
-                            poller.unregister(fd)
-                    for fd in new_key:
-                        if fd is not None:
-                            poller.register(fd, _IN)
-                    key = new_key
+                if rekey:
+                    rekey = False
+                    new_key = self._watch_key()
+                    if new_key != key:
+                        for fd in key:
+                            if fd is not None:
+                                poller.unregister(fd)
+                        for fd in new_key:
+                            if fd is not None:
+                                poller.register(fd, _IN)
+                        key = new_key
                 if hot and not pending and not irq.level:
                     if key != (None, None):
                         now = clock()
                         if now - looked >= HOT_LOOK:
                             looked = now
-                            if self._on_other(poller.poll(0), sock_fd, key):
-                                return 0
+                            events = poller.poll(0)
+                            if events:
+                                rekey = True
+                                if self._on_other(events, sock_fd, key):
+                                    return 0
                     try:
-                        if not handle():
-                            return 0
+                        msg = read()
                     except BlockingIOError:
                         hot = False  # the proxy is idle: wait in poll with every fd
+                        continue
+                    if msg is None:
+                        return 0
+                    if type(msg) is SetIrqfd:
+                        rekey = True
+                    reply = dispatch(msg)
+                    if reply is not None:
+                        send(reply)  # a vanished proxy (EPIPE, ECONNRESET) ends below with 0
                     continue
                 timeout = timers.timeout() if pending else None
                 try:
                     events = poller.poll(-1 if timeout is None else int(timeout * 1000) + 1)
                 except InterruptedError:
                     continue
+                rekey = True
                 for fd, _ev in events:
                     if fd == sock_fd:
                         try:

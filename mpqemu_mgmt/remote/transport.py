@@ -72,12 +72,12 @@ CMSG_SPACE = socket.CMSG_SPACE(wire.SOCKET_MAX_FDS * _FD_SIZE)
 # The fast path's commands and their only valid payload sizes (mpqemu_msg_valid in
 # hw/remote/mpqemu-link.c: BAR accesses carry a BarAccessMsg, config accesses a PciConfDataMsg;
 # DEVICE_RESET with no payload is what the proxy sends). Any other (cmd, size) goes to the codec.
-_FAST_SIZES: dict[tuple[int, int], int] = {
-    (int(Cmd.PCI_CFGREAD), wire.PCI_CONF.size): int(Cmd.PCI_CFGREAD),
-    (int(Cmd.PCI_CFGWRITE), wire.PCI_CONF.size): int(Cmd.PCI_CFGWRITE),
-    (int(Cmd.BAR_READ), wire.BAR_ACCESS.size): int(Cmd.BAR_READ),
-    (int(Cmd.BAR_WRITE), wire.BAR_ACCESS.size): int(Cmd.BAR_WRITE),
-    (int(Cmd.DEVICE_RESET), 0): int(Cmd.DEVICE_RESET),
+_FAST_SIZES: dict[int, int] = {
+    int(Cmd.PCI_CFGREAD): wire.PCI_CONF.size,
+    int(Cmd.PCI_CFGWRITE): wire.PCI_CONF.size,
+    int(Cmd.BAR_READ): wire.BAR_ACCESS.size,
+    int(Cmd.BAR_WRITE): wire.BAR_ACCESS.size,
+    int(Cmd.DEVICE_RESET): 0,
 }
 _CFGREAD, _CFGWRITE = int(Cmd.PCI_CFGREAD), int(Cmd.PCI_CFGWRITE)
 _BAR_READ, _BAR_WRITE = int(Cmd.BAR_READ), int(Cmd.BAR_WRITE)
@@ -131,6 +131,8 @@ class Transport:
         self._header_bufs = [self._header]
         self._payload = bytearray(wire.MAX_PAYLOAD)
         self._payload_view = memoryview(self._payload)
+        # one view per fast payload size, so the common single read creates no object
+        self._payload_views = {n: self._payload_view[:n] for n in set(_FAST_SIZES.values())}
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -225,14 +227,13 @@ class Transport:
                 n, ancdata, flags = 0, [], 0
                 break
         if n == wire.HEADER_SIZE and not ancdata and not flags & _MSG_CTRUNC:
-            cmd, size = _HEADER_UNPACK(header)
-            fast = _FAST_SIZES.get((cmd, size))
-            if fast is not None:
+            fast, size = _HEADER_UNPACK(header)
+            if _FAST_SIZES.get(fast) == size:
                 got = 0
                 view = self._payload_view
                 while got < size:
                     try:
-                        k = sock.recv_into(view[got:size], size - got)
+                        k = sock.recv_into(view[got:size] if got else self._payload_views[size])
                     except InterruptedError:
                         continue
                     except BlockingIOError:
