@@ -44,6 +44,7 @@ from mpqemu_mgmt.devices.virtio.constants import (
     SECTOR_SIZE,
     BlkFeature,
 )
+from mpqemu_mgmt.devices.virtio.iov import iov_discard_front
 from mpqemu_mgmt.devices.virtio.legacy_pci import LegacyVirtioPci
 from mpqemu_mgmt.devices.virtio.ring import Chain
 from mpqemu_mgmt.errors import UsageError, VirtqueueError
@@ -76,18 +77,6 @@ def _gather(views: list[memoryview], length: int) -> bytes:
             break
         out += v[:need]
     return bytes(out)
-
-
-def _split_front(views: list[memoryview], skip: int) -> list[memoryview]:
-    """``views`` without the first ``skip`` bytes (``iov_discard_front``)."""
-    out: list[memoryview] = []
-    for v in views:
-        if skip >= v.nbytes:
-            skip -= v.nbytes
-            continue
-        out.append(v[skip:] if skip else v)
-        skip = 0
-    return out
 
 
 class _Rw(NamedTuple):
@@ -254,7 +243,7 @@ class BlkRequests:
         write = bool(rtype & BLK_T_OUT)
         if write:
             self.counters["out"] += 1
-            views = readable[1:] if first.nbytes == BLK_OUTHDR_SIZE else _split_front(
+            views = readable[1:] if first.nbytes == BLK_OUTHDR_SIZE else iov_discard_front(
                 readable, BLK_OUTHDR_SIZE
             )
             size = chain.readable_len - BLK_OUTHDR_SIZE

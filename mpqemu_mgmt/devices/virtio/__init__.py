@@ -7,6 +7,7 @@
   descriptor chains, indirect tables, avail/used rings, VIRTIO_RING_F_EVENT_IDX.
 * :mod:`.legacy_pci` — the legacy (virtio 0.9.5) I/O BAR register file, feature negotiation,
   device status, queue PFN setup and the ISR over INTx.
+* :mod:`.iov` — scatter-list arithmetic shared by the virtio-blk handler and :mod:`.blockio`.
 * :mod:`.blockio` — the named IO shell of this package: the only module that touches a backing fd.
 
 Everything except :mod:`.blockio` is pure: no file, socket or process IO, only the guest memory

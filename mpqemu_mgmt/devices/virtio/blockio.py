@@ -24,6 +24,7 @@ import stat
 from collections.abc import Sequence
 from typing import Protocol
 
+from mpqemu_mgmt.devices.virtio.iov import iov_discard_front
 from mpqemu_mgmt.errors import DeviceError
 
 
@@ -49,19 +50,6 @@ class BlockBackend(Protocol):
     def flush(self) -> None:
         """Make every completed write durable; OSError on failure."""
         ...
-
-
-def _advance(buffers: Sequence[memoryview], done: int) -> list[memoryview]:
-    """The part of ``buffers`` after the first ``done`` bytes (for short reads/writes)."""
-    rest: list[memoryview] = []
-    for buf in buffers:
-        n = buf.nbytes
-        if done >= n:
-            done -= n
-            continue
-        rest.append(buf[done:] if done else buf)
-        done = 0
-    return rest
 
 
 class FdBlockBackend:
@@ -107,7 +95,7 @@ class FdBlockBackend:
                     buf[:] = bytes(buf.nbytes)
                 return
             offset += n
-            todo = _advance(todo, n)
+            todo = iov_discard_front(todo, n)
 
     def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
         if self._readonly:
@@ -118,7 +106,7 @@ class FdBlockBackend:
             if n <= 0:
                 raise OSError(28, "short write")
             offset += n
-            todo = _advance(todo, n)
+            todo = iov_discard_front(todo, n)
 
     def flush(self) -> None:
         os.fdatasync(self._fd)
