@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpqemu_mgmt.pci import regs
 from mpqemu_mgmt.protocol import OwnedFd, SysmemRegion
 from mpqemu_mgmt.testing.logged_process import LoggedProcess, on_socketpair
 from mpqemu_mgmt.testing.proxysim import ProbeResult, ProxySim, memfd_region
@@ -31,8 +32,8 @@ from mpqemu_mgmt.testing.virtio_driver import GuestRam, ProxySimBus, VirtioBlkDr
 
 IO_BASE = 0xC000
 MEM_BASE = 0xFE000000
-PCI_COMMAND = 0x04
-COMMAND_IO_MEM_MASTER = 0x7
+#: I/O and memory decode (map_bars sets those) plus bus mastering: the device may DMA
+COMMAND_IO_MEM_MASTER = regs.COMMAND_IO | regs.COMMAND_MEMORY | regs.COMMAND_MASTER
 
 
 class BuiltinBlkRemote(LoggedProcess):
@@ -133,8 +134,8 @@ def attach(sock: socket.socket, *, ram_size: int = 32 << 20, timeout: float = 10
         irqfd, resample = sim.set_irqfd()
         probe = sim.probe()
         sim.map_bars(base_mem=MEM_BASE, base_io=IO_BASE)
-        command = sim.config_read(PCI_COMMAND, 2)
-        sim.config_write(PCI_COMMAND, command | COMMAND_IO_MEM_MASTER, 2)
+        command = sim.config_read(regs.COMMAND, 2)
+        sim.config_write(regs.COMMAND, command | COMMAND_IO_MEM_MASTER, 2)
         ram = GuestRam(mm)
         driver = VirtioBlkDriver(ProxySimBus(sim, irqfd.fileno()), ram, timeout=timeout)
         att = Attached(sim, driver, probe, ram, region, irqfd, resample, mm)
