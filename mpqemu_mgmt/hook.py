@@ -7,7 +7,9 @@ guards and cleans up; it never plugs devices (that needs ``getfd`` through libvi
 
 * ``prepare begin``: refuse a plain ``virsh start`` of a guest carrying our ``<metadata>`` unless
   our service is starting it (a start token ``<run>/starting/<name>`` naming a live service pid);
-  without our remotes the guest would boot without its devices.
+  without our remotes the guest would boot without its devices. The token is looked for in the
+  hook's own state directory and in the one the guest's ``<mpq:state-dir>`` names, so a service
+  run with another ``--state-dir`` is recognised too (whoever can define a domain is root anyway).
 * ``release end``: reap the guest's remotes (pid and start time from the state file), idempotent.
 * ``migrate begin`` / ``restore begin``: refuse with the reason: x-pci-proxy-dev registers a
   migration blocker (hw/remote/proxy.c), and the remote's state would not follow.
@@ -110,6 +112,22 @@ def decide(op: str, sub_op: str, guest: str, devices: list[str] | None, token_va
     return Verdict(0)  # reconnect, started, stopped, start ...: never fail
 
 
+def owner_paths(domain_xml: str, guest: str) -> StatePaths | None:
+    """The paths of the service that designed the guest, from ``<mpq:state-dir>``.
+
+    A service run with ``--state-dir D`` keeps the guest in ``D/guests/<name>`` and its start
+    tokens in ``D/starting`` (run == state, service/paths.py); any other layout gives None.
+    """
+    recorded = our_state_dir(domain_xml)
+    if not recorded:
+        return None
+    guest_dir = Path(recorded)
+    if guest_dir.name != guest or guest_dir.parent.name != "guests":
+        return None
+    root = guest_dir.parent.parent
+    return StatePaths(root, root)
+
+
 def token_valid(paths: StatePaths, guest: str, now: float | None = None) -> bool:
     """Is our service starting ``guest`` right now? The token names the service's pid."""
     token = paths.starting / guest
@@ -159,7 +177,10 @@ def run(argv: Sequence[str], stdin_text: str, paths: StatePaths) -> int:
     """The hook entry proper: argv is ``guest op sub-op extra`` as libvirt passes it."""
     guest, op, sub_op = [*argv, "-", "-", "-"][:3]
     devices = our_devices(stdin_text)
-    valid = devices is not None and op == "prepare" and token_valid(paths, guest)
+    valid = False
+    if devices is not None and op == "prepare":
+        owner = owner_paths(stdin_text, guest)
+        valid = token_valid(paths, guest) or (owner is not None and token_valid(owner, guest))
     verdict = decide(op, sub_op, guest, devices, valid)
     if verdict.reap:
         state_dir = our_state_dir(stdin_text)

@@ -173,6 +173,18 @@ class LibvirtHost:
                 self._conn = _call(f"open {self.uri}", lambda: libvirt.open(self.uri))
             return self._conn
 
+    def alive(self) -> bool:
+        """Is the open connection still usable? False once libvirtd went away (a restart): the
+        remote driver marks its client closed on EOF, and virConnectIsAlive reads that flag
+        without a round trip (remoteConnectIsAlive, src/remote/remote_driver.c)."""
+        with self._lock:
+            if self._conn is None:
+                return True  # nothing opened yet: opening will tell
+            try:
+                return bool(self._conn.isAlive())
+            except libvirt.libvirtError:
+                return False
+
     def define(self, xml: str) -> LibvirtGuest:
         return LibvirtGuest(self, _call("defineXML", lambda: self.conn.defineXML(xml)))
 

@@ -132,11 +132,13 @@ class _BaseDriver:
         plans.refuse(spec, action)
 
     def plan(self, runtime_or_spec: GuestRuntime | GuestSpec, action: str, **kw: object) -> Plan:
+        # the launcher renders the remote argv it will execute, so the plan shows what runs
         if isinstance(runtime_or_spec, GuestRuntime):
             return plans.plan_for(runtime_or_spec.spec, action, state_dir=runtime_or_spec.state_dir,
-                                  placements=runtime_or_spec.placements(), **kw)  # type: ignore[arg-type]
+                                  placements=runtime_or_spec.placements(),
+                                  remote_command=self.launcher.command, **kw)  # type: ignore[arg-type]
         return plans.plan_for(runtime_or_spec, action, state_dir=self.state_dir(runtime_or_spec),
-                              **kw)  # type: ignore[arg-type]
+                              remote_command=self.launcher.command, **kw)  # type: ignore[arg-type]
 
     async def _run(self, runtime: GuestRuntime, plan: Plan, devices: dict[str, DeviceSpec],
                    channel: MonitorChannel | None) -> Runner:
@@ -157,7 +159,7 @@ class _BaseDriver:
         runtime = GuestRuntime(spec=spec, driver=self.name, state_dir=state_dir, pid=0,
                                qmp_path=paths.qmp if self.name == "direct" else None,
                                console_log=paths.console)
-        plan = plans.plan_for(spec, "start", state_dir=state_dir)
+        plan = self.plan(spec, "start")
         runner = await self._run(runtime, plan, {d.id: d for d in spec.devices}, None)
         assert runner.channel is not None
         self._channels[spec.name] = runner.channel
@@ -378,15 +380,33 @@ class LibvirtDriver(_BaseDriver):
 
         self._hosts: dict[str, LibvirtHost] = {}
         self._host_cls = host_cls
+        self._bound: dict[str, LibvirtHost] = {}  # the connection each guest's channel uses
 
     def _owner(self) -> tuple[int, int] | None:
         return self._user
 
     def host(self, uri: str) -> LibvirtHost:
         host = self._hosts.get(uri)
+        if host is not None and not host.alive():
+            # libvirtd restarted under running guests (its reconnect hook let them live): open a
+            # fresh connection; channel() rebuilds the channels bound to the dead one.
+            host.close()
+            host = None
         if host is None:
             host = self._hosts[uri] = self._host_cls(uri)
         return host
+
+    async def channel(self, runtime: GuestRuntime) -> MonitorChannel:
+        host = self.host(runtime.spec.uri)
+        chan = self._channels.get(runtime.name)
+        if chan is not None and self._bound.get(runtime.name, host) is not host:
+            # bound to a connection libvirtd dropped: look the domain up again and re-register
+            # for its QMP events (DEVICE_DELETED) on the new connection
+            self._channels.pop(runtime.name, None)
+            await close_quietly(chan)
+        chan = await super().channel(runtime)
+        self._bound[runtime.name] = host
+        return chan
 
     def _guest(self, runtime: GuestRuntime) -> LibvirtGuest:
         guest = self.host(runtime.spec.uri).lookup(runtime.name)
@@ -402,7 +422,7 @@ class LibvirtDriver(_BaseDriver):
         from mpqemu_mgmt.domain.designer import design
 
         dom = design(runtime.spec, state_dir=runtime.state_dir)
-        host = self.host(runtime.spec.uri)
+        host = self._bound[runtime.name] = self.host(runtime.spec.uri)
         existing = await asyncio.to_thread(host.lookup, runtime.name)
         if existing is not None:
             # Redefining under the same name needs the same uuid, or libvirt refuses.
