@@ -182,7 +182,10 @@ def cmd_plan(ctx: Context, a: Any) -> Output:
             raise UsageError(f"plan {action} needs a device id")
     elif action == "stop":
         kw["force"] = "--force" in rest
-    plan = plans.plan_for(spec, action, **kw)
+    from mpqemu_mgmt.service.daemon import service_remote_command
+
+    # the remote argv the service's launcher would execute (fd numbers as {fd:NAME} placeholders)
+    plan = plans.plan_for(spec, action, remote_command=service_remote_command(), **kw)
     data = plan.to_dict()
     rows = [{"n": i + 1, **_step_row(s)} for i, s in enumerate(data.get("steps", []))]
     from mpqemu_mgmt.cli.formatters import table

@@ -1,23 +1,28 @@
 """Launch one remote device process, confined: the IO shell of ``mpqemu_mgmt.confine``.
 
-Order (confinement.md §8.1): the launcher makes the mpqemu socketpair and binds the remote's QMP
-listening socket (0600, at a path in the manager's state dir), opens the backing files, then
-spawns ``prlimit ... -- bwrap ... -- <remote argv>`` with exactly those fds (``pass_fds``), an
-empty environment, stdin from /dev/null and stdout/stderr to the log, as the dedicated
-unprivileged uid/gid (``subprocess`` drops them in C before exec, before bwrap makes the user
-namespace). Inside, the builtin remote calls :func:`~mpqemu_mgmt.confine.lockdown.lock_down`;
-a stock QEMU remote gets ``-sandbox``. bwrap's ``--info-fd`` reports the host pid of its pid-1
-reaper; the device process is that reaper's only child, and its host pid gets a pidfd. (Not
-``--as-pid-1``: a namespace's init ignores signals it has no handler for, so ``abort()`` would
-end in SIGSEGV and SIGTERM would be ignored; pid_namespaces(7).)
+Order (confinement.md §8.1): the launcher makes the mpqemu socketpair (or takes the connection the
+caller hands over: vfio-user's QEMU connects to a path, so the orchestrator accepts and passes the
+connected socket in ``LaunchRequest.connected``), binds the remote's QMP listening socket (0600, at
+a path in the manager's state dir), opens the backing files and, for ours, compiles the model's
+seccomp policy into a sealed BPF memfd, then spawns ``prlimit ... -- bwrap ... -- <remote argv>``
+with exactly those fds (``pass_fds``), an empty environment, stdin from /dev/null and stdout/stderr
+to the log, as the dedicated unprivileged uid/gid (``subprocess`` drops them in C before exec,
+before bwrap makes the user namespace). Inside, the builtin remote calls
+:func:`~mpqemu_mgmt.confine.lockdown.lock_down`; a stock QEMU remote gets ``-sandbox``. bwrap's
+``--info-fd`` reports the host pid of its pid-1 reaper; the device process is that reaper's only
+child, and its host pid gets a pidfd. (Not ``--as-pid-1``: a namespace's init ignores signals it
+has no handler for, so ``abort()`` would end in SIGSEGV and SIGTERM would be ignored;
+pid_namespaces(7).)
 
 Every fd the launcher opened is closed, and every process it started is killed, on every
 failure path. With ``die_with_parent`` (the default) the remote dies with the *thread* that
 called :func:`launch` (PR_SET_PDEATHSIG semantics), so call it from a thread that lives as long
 as the remote should (the event loop's default executor does).
 
-Must not decide policy (that is the profile) or build argv by hand (remote_argv, namespaces,
-credentials do).
+The command line is :func:`remote_argv.confined_command` of the fds opened here and the host
+facts of :func:`launch_host`; :func:`planned_command` is the same call with placeholder fds, for
+``mpqemu-mgmt plan``. Must not decide policy (that is the profile) or build argv by hand
+(remote_argv, namespaces, credentials do).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
@@ -73,6 +78,9 @@ class LaunchRequest:
     module: str = "mpqemu_mgmt.remote"
     python: str = field(default_factory=lambda: sys.executable)
     log_path: Path | None = None
+    #: vfio-user: the connection QEMU made, served instead of a fresh socketpair. Owned by
+    #: :func:`launch` (handed to the remote, then closed in the launcher on every path).
+    connected: socket.socket | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -82,7 +90,9 @@ class LaunchedRemote:
     device_id: str
     pid: int
     pidfd: int
-    proxy: socket.socket  # the proxy end of the mpqemu socketpair (owned: give it to QEMU, close it)
+    #: the proxy end of the socketpair (owned: give it to QEMU, close it); None when the remote
+    #: serves a connection the caller handed over (``LaunchRequest.connected``)
+    proxy: socket.socket | None
     qmp_path: Path
     argv: list[str]
     confinement: AppliedConfinement
@@ -90,6 +100,9 @@ class LaunchedRemote:
     log_path: Path | None = None
     #: kmsg clock at launch: older audit records belong to an earlier owner of this pid
     started_usec: int = 0
+    #: the fd numbers the remote inherited, by placeholder name (remote_argv.RemoteFds.named):
+    #: ``planned_command`` with ``{fd:NAME}`` replaced by these is ``argv``
+    fds: dict[str, int] = field(default_factory=dict)
     _closed: bool = False
 
     def poll(self) -> int | None:
@@ -169,7 +182,8 @@ class LaunchedRemote:
         self._closed = True
         with contextlib.suppress(OSError):
             os.close(self.pidfd)
-        self.proxy.close()
+        if self.proxy is not None:
+            self.proxy.close()
         with contextlib.suppress(FileNotFoundError):
             self.qmp_path.unlink()
 
@@ -304,11 +318,44 @@ def _log_tail(path: Path | None, size: int = 2000) -> str:
         return ""
 
 
+def launch_host(request: LaunchRequest, profile: ConfinementProfile) -> remote_argv.LaunchHost:
+    """The host facts the command line depends on: tool paths, read-only binds, /usr symlinks."""
+    return remote_argv.LaunchHost(
+        prlimit=shutil.which("prlimit") or "/usr/bin/prlimit",
+        bwrap=shutil.which(profile.bwrap) or profile.bwrap,
+        ro_binds=_code_paths(request, profile),
+        symlinks=_host_symlinks(),
+    )
+
+
+def planned_command(request: LaunchRequest, profile: ConfinementProfile) -> list[str]:
+    """The argv :func:`launch` would execute for ``request``, with ``{fd:NAME}`` placeholders where
+    the launcher's fd numbers go (``LaunchedRemote.fds`` maps the names to the numbers it used).
+
+    Reads the host (tool paths, binds) and the backing files' sizes; opens and starts nothing.
+    """
+    size = 0
+    for path in request.backing:
+        with contextlib.suppress(OSError):
+            size = max(size, os.stat(path).st_size)
+    return remote_argv.confined_command(request, profile, launch_host(request, profile),
+                                        remote_argv.remote_fds_shape(request, profile), backing_size=size)
+
+
+def _check_connected(sock: socket.socket) -> None:
+    """The hand-over must be what the remote's ``--fd`` accepts: a connected AF_UNIX stream."""
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ConfinementError("the connection handed to the launcher is not an AF_UNIX stream socket")
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ConfinementError("the socket handed to the launcher is listening, not connected")
+
+
 def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemote:
-    """Start one confined remote device process; see the module docstring for the order."""
-    remote_argv.validate_id(request.device_id)
-    started_usec = violations.monotonic_usec()
-    creds = credentials.resolve(profile)
+    """Start one confined remote device process; see the module docstring for the order.
+
+    ``request.connected`` (vfio-user: the connection QEMU made) is owned from here on: it is
+    handed to the remote and closed in the launcher on every path, success or failure.
+    """
     owned: list[int] = []  # fds to close in the launcher whatever happens
     proxy: socket.socket | None = None
     wrapper: subprocess.Popen[bytes] | None = None
@@ -316,10 +363,19 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
     info_r = -1
     log: IO[bytes] | None = None
     try:
-        proxy, remote = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        owned.append(remote.detach())
+        if request.connected is not None:
+            _check_connected(request.connected)
+            owned.append(request.connected.detach())
+        remote_argv.validate_id(request.device_id)
+        started_usec = violations.monotonic_usec()
+        creds = credentials.resolve(profile)
+        if request.connected is None:
+            proxy, remote = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            owned.append(remote.detach())
+        sock_fd = owned[0]
         listener = _bind_qmp(request.qmp_path)
-        owned.append(listener.detach())
+        qmp_fd = listener.detach()
+        owned.append(qmp_fd)
         backing: list[int] = []
         backing_ro: list[int] = []
         for path in request.backing:
@@ -338,50 +394,30 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
             except OSError as exc:
                 raise ConfinementError(f"cannot open backing file {path}: {exc.strerror}",
                                        path=str(path)) from exc
-        fds = remote_argv.RemoteFds(owned[0], owned[1], tuple(backing), tuple(backing_ro))
-        if request.backend == "builtin":
-            inner = remote_argv.builtin_argv(request.python, request.module, request.model, fds,
-                                             seccomp=profile.seccomp.value, transport=request.transport,
-                                             readonly=request.readonly)
-            seccomp_label = profile.seccomp.value
-            if (profile.seccomp is not SeccompMode.OFF and request.transport == "mpqemu"
-                    and request.module == "mpqemu_mgmt.remote"):
-                # compile the allowlist here, so the remote loads raw BPF and never imports
-                # pyseccomp/ctypes.util (about 2 MiB of its resident memory; lockdown.py)
-                bpf = seccomp_loader.bpf_memfd(lockdown.load_policy(request.model), profile.seccomp)
-                owned.append(bpf)
-                inner += ["--seccomp-bpf-fd", str(bpf)]
-        else:
-            inner = remote_argv.qemu_argv(request.qemu_binary, request.device_id, request.model, fds,
-                                          props=request.qemu_props, sandbox=profile.qemu_sandbox,
-                                          extra=request.qemu_extra, readonly=request.readonly)
-            seccomp_label = "qemu-sandbox"
-        limits = profile.rlimits
-        if request.backing:  # the backing file must stay writable up to its size (RLIMIT_FSIZE)
-            largest = max(os.fstat(fd).st_size for fd in backing)
-            if largest > limits.fsize:
-                limits = replace(limits, fsize=largest)
-        prlimit = shutil.which("prlimit") or "/usr/bin/prlimit"
-        argv = credentials.rlimit_argv(limits, prlimit)
+        bpf: int | None = None
+        if remote_argv.uses_seccomp_bpf(request, profile):
+            # compile the allowlist here, so the remote loads raw BPF and never imports
+            # pyseccomp/ctypes.util (about 2 MiB of its resident memory; lockdown.py)
+            bpf = seccomp_loader.bpf_memfd(lockdown.load_policy(request.model), profile.seccomp)
+            owned.append(bpf)
+        info_w: int | None = None
+        host = launch_host(request, profile)
         if profile.namespaces:
             info_r, info_w = os.pipe2(os.O_CLOEXEC)
             owned.append(info_w)
-            binds = _code_paths(request, profile)
             if creds.drop:
-                for bind in binds:
+                for bind in host.ro_binds:
                     blocked = credentials.unreachable_ancestor(bind, creds.uid, creds.gid)
                     if blocked is not None:
                         raise ConfinementError(
                             f"{bind} is not reachable by the remote's uid {creds.uid}: {blocked} is "
                             "not searchable by it (move the checkout, or configure another uid)",
                             path=bind, blocked=blocked)
-            sandbox = namespaces.Sandbox(ro_binds=binds,
-                                         symlinks=_host_symlinks(),
-                                         die_with_parent=profile.die_with_parent)
-            bwrap = shutil.which(profile.bwrap) or profile.bwrap
-            argv += namespaces.bwrap_argv(bwrap, sandbox, inner, info_fd=info_w)
-        else:
-            argv += inner
+        fds = remote_argv.RemoteFds(sock_fd, qmp_fd, tuple(backing), tuple(backing_ro),
+                                    seccomp_bpf=bpf, info=info_w)
+        seccomp_label = profile.seccomp.value if request.backend == "builtin" else "qemu-sandbox"
+        size = max((os.fstat(fd).st_size for fd in backing), default=0)
+        argv = remote_argv.confined_command(request, profile, host, fds, backing_size=size)
         if request.log_path is not None:
             request.log_path.parent.mkdir(parents=True, exist_ok=True)
             log = open(request.log_path, "ab")  # noqa: SIM115 - closed below, the child keeps its copy
@@ -411,8 +447,11 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
             device_id=request.device_id, pid=pid, pidfd=pidfd, proxy=proxy,
             qmp_path=request.qmp_path, argv=argv,
             confinement=AppliedConfinement(seccomp_label, ns, creds.uid),
-            wrapper=wrapper, log_path=request.log_path, started_usec=started_usec)
+            wrapper=wrapper, log_path=request.log_path, started_usec=started_usec,
+            fds={name: int(fd) for name, fd in fds.named().items()})
     except BaseException as exc:
+        if request.connected is not None and request.connected.fileno() >= 0:
+            request.connected.close()  # refused before the hand-over: still ours to close
         if wrapper is not None and wrapper.poll() is None:
             wrapper.kill()  # bwrap's --die-with-parent takes the device with it
             with contextlib.suppress(subprocess.TimeoutExpired):

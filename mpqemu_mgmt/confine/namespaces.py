@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mpqemu_mgmt.errors import UsageError
+
 #: namespaces bwrap creates with the flags below (reported in ``confinement.namespaces``)
 NAMESPACES: tuple[str, ...] = ("user", "pid", "net", "ipc", "uts", "cgroup", "mnt")
 
@@ -36,10 +38,11 @@ class Sandbox:
     die_with_parent: bool = True
 
 
-def bwrap_argv(bwrap: str, sandbox: Sandbox, inner: Sequence[str], *, info_fd: int) -> list[str]:
-    """``bwrap ... -- inner...``; ``info_fd`` is the write end bwrap reports the child pid on."""
+def bwrap_argv(bwrap: str, sandbox: Sandbox, inner: Sequence[str], *, info_fd: int | str) -> list[str]:
+    """``bwrap ... -- inner...``; ``info_fd`` is the write end bwrap reports the child pid on (a
+    number, or a plan's ``{fd:info}`` placeholder)."""
     if not inner:
-        raise ValueError("empty command for the sandbox")
+        raise UsageError("empty command for the sandbox: bwrap needs a program to run")
     argv = [
         bwrap,
         "--unshare-all",

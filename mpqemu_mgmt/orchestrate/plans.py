@@ -9,6 +9,10 @@ the clock: given the same spec and arguments it returns the same plan.
 
 Actions:
 
+Each remote's ``argv`` is what the launcher that runs it executes (``remote_command``, the
+launcher's own renderer: for the confined launcher ``prlimit ... -- bwrap ... -- python ...``),
+with the fd numbers it assigns as ``{fd:NAME}`` placeholders.
+
 * ``start``: main QEMU paused; every remote (socketpair + confined remote; started concurrently);
   per device ``getfd`` carrying the proxy end (SCM_RIGHTS) and
   ``device_add x-pci-proxy-dev,id=…,fd=<name>,bus=…,addr=…``; then ``cont``.
@@ -28,7 +32,7 @@ Actions:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Final
@@ -39,6 +43,9 @@ from mpqemu_mgmt.errors import MigrationRefused, NotFoundError, OneDevicePerProc
 from mpqemu_mgmt.orchestrate.qemu_argv import GuestPaths, main_argv, remote_argv
 
 JSON = Any
+#: How the launcher that will run a device's remote renders its argv (RemoteLauncher.command):
+#: the plan shows exactly that. The default is the unconfined ProcessLauncher's command line.
+RemoteCommand = Callable[[GuestSpec, DeviceSpec, GuestPaths], tuple[str, ...]]
 DEFAULT_STATE_ROOT: Final = "/run/mpqemu-mgmt"
 #: Nova's defaults (nova/conf/libvirt.py device_detach_timeout / device_detach_attempts).
 DETACH_TIMEOUT: Final = 20.0
@@ -178,7 +185,7 @@ def _qmp(command: str, args: Mapping[str, JSON] | None = None, **kw: Any) -> Ste
 
 
 def plug_steps(spec: GuestSpec, dev: DeviceSpec, place: topology.Placement, paths: GuestPaths, *,
-               undo_device_add: bool) -> tuple[Step, ...]:
+               undo_device_add: bool, remote_command: RemoteCommand = remote_argv) -> tuple[Step, ...]:
     """socketpair + remote, getfd with the proxy end, device_add (hot-plug and start)."""
     name = fd_name(dev.id)
     # device_add of a proxy waits for the remote inside realize (hw/remote/proxy.c probes its config
@@ -196,7 +203,8 @@ def plug_steps(spec: GuestSpec, dev: DeviceSpec, place: topology.Placement, path
         # remote on the connection QEMU makes while device_add's realize waits for VERSION.
         sock = paths.vfio_user_socket(dev.id)
         listen = Step(
-            Op.LAUNCH_REMOTE, device=dev.id, argv=remote_argv(spec, dev, paths), arguments={"listen": sock},
+            Op.LAUNCH_REMOTE, device=dev.id, argv=remote_command(spec, dev, paths),
+            arguments={"listen": sock},
             timeout=REMOTE_START_TIMEOUT, undo=(_stop_remote(dev.id, force=True),),
             why="vfio-user: the remote starts on the connection QEMU makes to this path",
         )
@@ -209,7 +217,7 @@ def plug_steps(spec: GuestSpec, dev: DeviceSpec, place: topology.Placement, path
     add_args: dict[str, JSON] = {"driver": "x-pci-proxy-dev", "id": dev.id, "fd": name,
                                  "bus": place.bus, "addr": place.addr}
     launch = Step(
-        Op.LAUNCH_REMOTE, device=dev.id, argv=remote_argv(spec, dev, paths),
+        Op.LAUNCH_REMOTE, device=dev.id, argv=remote_command(spec, dev, paths),
         timeout=REMOTE_START_TIMEOUT,
         undo=(_stop_remote(dev.id, force=True),),
         why="one device per process; the socket end is inherited at exec",
@@ -271,11 +279,14 @@ def plan_for(
     device_id: str | None = None,
     placements: Mapping[str, topology.Placement] | None = None,
     force: bool = False,
+    remote_command: RemoteCommand = remote_argv,
 ) -> Plan:
     """The plan for ``action`` on a guest whose current devices are ``spec.devices``.
 
     ``attach`` takes ``device``; ``detach`` and ``hard-reset`` take ``device_id``; ``reset`` with a
     ``device_id`` is ``hard-reset``. ``placements`` are the live slots (hot-plug must not reuse them).
+    ``remote_command`` renders each remote's argv: pass the launcher's ``command`` (the driver
+    does), so the plan shows what that launcher executes.
     """
     refuse(spec, action)
     if action == "reset" and device_id is not None:
@@ -289,7 +300,8 @@ def plan_for(
         check_fd_passing(spec)
         places = topology.place(spec.machine, [d.id for d in spec.devices], placements)
         steps.append(_launch_vm(spec, paths))
-        plugs = [plug_steps(spec, dev, places[dev.id], paths, undo_device_add=False) for dev in spec.devices]
+        plugs = [plug_steps(spec, dev, places[dev.id], paths, undo_device_add=False,
+                            remote_command=remote_command) for dev in spec.devices]
         # All remotes first (the runner starts consecutive launch-remote steps concurrently), then
         # getfd + device_add one by one. No device_add undo here: stopping the paused VM removes
         # every device at once, and an ACPI unplug with no guest OS would only time out.
@@ -312,7 +324,8 @@ def plan_for(
         taken = dict(placements) if placements is not None else topology.place(
             spec.machine, [d.id for d in spec.devices])
         places = topology.place(spec.machine, [device.id], taken)
-        steps += plug_steps(full, device, places[device.id], paths, undo_device_add=True)
+        steps += plug_steps(full, device, places[device.id], paths, undo_device_add=True,
+                            remote_command=remote_command)
     elif action == "detach":
         dev = _need_device(spec, device_id)
         steps += unplug_steps(dev.id)
@@ -322,7 +335,8 @@ def plan_for(
         taken = dict(placements) if placements is not None else topology.place(
             spec.machine, [d.id for d in spec.devices])
         steps += unplug_steps(dev.id)
-        steps += plug_steps(spec, dev, taken[dev.id], paths, undo_device_add=True)
+        steps += plug_steps(spec, dev, taken[dev.id], paths, undo_device_add=True,
+                            remote_command=remote_command)
     elif action == "reset":
         steps.append(_qmp("system_reset", why="the proxies forward DEVICE_RESET to every remote"))
     elif action == "stop":

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mpqemu_mgmt.domain.spec import DeviceSpec
+from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec
 from mpqemu_mgmt.errors import MpqemuError, ProcessFailed, StepTimeout
-from mpqemu_mgmt.orchestrate.qemu_argv import fill
+from mpqemu_mgmt.orchestrate.qemu_argv import GuestPaths, fill, remote_argv
 from mpqemu_mgmt.orchestrate.runtime import RemoteRuntime
 
 
@@ -41,7 +41,12 @@ class Spawned:
 class RemoteLauncher(Protocol):
     """``argv`` is the plan's command line; a launcher that builds its own (confined.py) uses
     ``device`` and ``qemu_binary`` instead. With ``connected`` (vfio-user: the connection QEMU
-    made), the remote serves that socket and there is no proxy end; the launcher owns it."""
+    made), the remote serves that socket and there is no proxy end; the launcher owns it.
+
+    ``command`` is the argv :meth:`launch` will execute for a device, for the plan (fd numbers as
+    placeholders the launch records in ``RemoteRuntime.fds``)."""
+
+    def command(self, spec: GuestSpec, device: DeviceSpec, paths: GuestPaths) -> tuple[str, ...]: ...
 
     async def launch(self, device_id: str, argv: Sequence[str], *, qmp_path: str, log_path: str,
                      backing: str | None, readonly: bool, timeout: float,
@@ -244,6 +249,10 @@ class ProcessLauncher:
     def __init__(self, run_as: str | None = None) -> None:
         self._owner = resolve_user(run_as)
 
+    def command(self, spec: GuestSpec, device: DeviceSpec, paths: GuestPaths) -> tuple[str, ...]:
+        """The plan's argv, which :meth:`launch` fills in (``{python}``, ``{fd:sock}``, ...)."""
+        return remote_argv(spec, device, paths)
+
     async def launch(self, device_id: str, argv: Sequence[str], *, qmp_path: str, log_path: str,
                      backing: str | None, readonly: bool, timeout: float,
                      device: DeviceSpec | None = None, qemu_binary: str = "qemu-system-x86_64",
@@ -263,8 +272,10 @@ class ProcessLauncher:
                 keep.append(backing_fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(qmp_path)
-            full = fill(tuple(argv), fd=str(remote_end.fileno()), python=sys.executable,
-                        backing_fd=str(backing_fd if backing_fd is not None else -1))
+            fds = {"fd:sock": remote_end.fileno()}
+            if backing_fd is not None:
+                fds["fd:backing0"] = backing_fd
+            full = fill(tuple(argv), {"python": sys.executable} | {k: str(v) for k, v in fds.items()})
             log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
             kw: dict[str, object] = {}
             if self._owner is not None:
@@ -285,6 +296,7 @@ class ProcessLauncher:
         assert proc is not None
         remote = RemoteRuntime(
             device_id=device_id, pid=proc.pid, qmp_path=qmp_path, log_path=log_path, argv=tuple(full),
+            fds={k.removeprefix("fd:"): v for k, v in fds.items()},
             confinement={"seccomp": _seccomp_of(full), "namespaces": [],
                          "uid": self._owner[0] if self._owner else os.geteuid()},
             pidfd=open_pidfd(proc.pid),

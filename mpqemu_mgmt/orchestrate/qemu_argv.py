@@ -3,9 +3,12 @@
 The main QEMU starts paused (``-S``) with its RAM in a shared memfd (the remote maps guest RAM
 from the fds of ``SYNC_SYSMEM``; docs/system/multi-process.rst asks for a shareable backend), QMP
 on a UNIX socket in the state directory, its serial console written to a log file there, and QEMU's
-own seccomp filter (``-sandbox on,...`` with the options libvirt uses). Remote command lines carry
-``{fd}`` (the inherited socket end) and ``{python}`` placeholders the launcher fills in; argv
-stays data so ``mpqemu-mgmt plan`` can print it. Must not spawn anything or touch the filesystem.
+own seccomp filter (``-sandbox on,...`` with the options libvirt uses). :func:`remote_argv` is the
+unconfined remote (orchestrate.processes.ProcessLauncher runs it); it carries ``{fd:sock}`` (the
+inherited socket end), ``{fd:backing0}`` and ``{python}`` placeholders the launcher fills in, so
+``mpqemu-mgmt plan`` prints what runs. (The confined launcher renders its own command,
+confine.remote_argv.confined_command, with the same ``{fd:NAME}`` names.) Must not spawn anything
+or touch the filesystem.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec
 
 #: What libvirt passes for its own QEMUs on Debian 12 (seen in the domain log), minus nothing.
 SANDBOX: Final = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-FD_PLACEHOLDER: Final = "{fd}"
-BACKING_FD_PLACEHOLDER: Final = "{backing_fd}"
+#: the same ``{fd:NAME}`` names as confine.remote_argv.RemoteFds.placeholders
+FD_PLACEHOLDER: Final = "{fd:sock}"
+BACKING_FD_PLACEHOLDER: Final = "{fd:backing0}"
 PYTHON_PLACEHOLDER: Final = "{python}"
 MEM_ID: Final = "mem0"
 
@@ -44,9 +48,14 @@ class GuestPaths:
     def remote_log(self, device_id: str) -> str:
         return f"{self.state_dir}/remote-{device_id}.log"
 
+    @property
+    def vfio_user_dir(self) -> str:
+        """The private (0700, the main QEMU's uid) directory of the vfio-user listening sockets."""
+        return f"{self.state_dir}/vfu"
+
     def vfio_user_socket(self, device_id: str) -> str:
         """Where QEMU's vfio-user-pci connects; unlinked as soon as it has (one client only)."""
-        return f"{self.state_dir}/vfu-{device_id}.sock"
+        return f"{self.vfio_user_dir}/{device_id}.sock"
 
 
 def main_argv(spec: GuestSpec, paths: GuestPaths) -> tuple[str, ...]:
@@ -112,8 +121,8 @@ def remote_argv(spec: GuestSpec, dev: DeviceSpec, paths: GuestPaths) -> tuple[st
     return tuple(argv)
 
 
-def fill(argv: tuple[str, ...], **values: str) -> list[str]:
-    """Replace ``{fd}``, ``{python}``, ``{backing_fd}`` inside each argument."""
+def fill(argv: tuple[str, ...], values: dict[str, str]) -> list[str]:
+    """Replace ``{NAME}`` for every NAME of ``values`` (``fd:sock``, ``python``...) in each argument."""
     out = []
     for arg in argv:
         for key, value in values.items():

@@ -168,17 +168,22 @@ class Runner:
         listen = step.arguments.get("listen")
         if isinstance(listen, str):
             # vfio-user: only listen now; the remote starts on QEMU's connection (_plug_vfio_user).
+            owner = _private_dir(os.path.dirname(listen), self.runtime.state_dir)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(listen)
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
+                # 0600 from the start (unix_bind takes the inode's mode), then owned by the main
+                # QEMU's uid, the only one that may connect; the 0700 directory keeps others out.
+                os.fchmod(listener.fileno(), 0o600)
                 listener.bind(listen)
-                # The directory (0700, the QEMU user's) is the access check; QEMU may run as another uid.
-                os.chmod(listen, 0o666)
+                os.chown(listen, *owner)
                 listener.listen(1)
                 listener.setblocking(False)
             except BaseException:
                 listener.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(listen)
                 raise
             self._listeners[dev_id] = (listener, listen, step)
             return
@@ -284,6 +289,16 @@ class Runner:
             addr = step.arguments.get("addr")
             if isinstance(bus, str) and isinstance(addr, str):
                 self.runtime.remotes[step.device].placement = Placement(bus, int(addr, 16))
+
+
+def _private_dir(path: str, state_dir: str) -> tuple[int, int]:
+    """``path`` as a 0700 directory owned like the guest's state directory (the main QEMU's user,
+    which must connect to the vfio-user sockets inside); that (uid, gid)."""
+    st = os.stat(state_dir)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chown(path, st.st_uid, st.st_gid)
+    os.chmod(path, 0o700)
+    return st.st_uid, st.st_gid
 
 
 def _matches(desc: str, needles: tuple[str, ...]) -> bool:

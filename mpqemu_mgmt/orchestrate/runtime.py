@@ -29,6 +29,9 @@ class RemoteRuntime:
     #: A pidfd for this process when we hold one (not saved; reopened on adopt).
     pidfd: int | None = None
     placement: Placement | None = None
+    #: The fd numbers the remote inherited, by the plan's placeholder name (``{fd:sock}`` → 5):
+    #: the plan's argv with these substituted is ``argv`` (not saved).
+    fds: dict[str, int] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         out: dict[str, Any] = {

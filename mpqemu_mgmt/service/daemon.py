@@ -38,6 +38,8 @@ from mpqemu_mgmt.orchestrate.heartbeat import (
     State,
     StopGuest,
 )
+from mpqemu_mgmt.orchestrate.plans import RemoteCommand
+from mpqemu_mgmt.orchestrate.processes import ProcessLauncher
 from mpqemu_mgmt.orchestrate.runtime import GuestRuntime
 from mpqemu_mgmt.service.audit import AuditEntry, AuditLog
 from mpqemu_mgmt.service.control import ControlServer, Peer, Progress
@@ -76,6 +78,13 @@ def service_launcher() -> Any:
     from mpqemu_mgmt.orchestrate.confined import ConfinedLauncher
 
     return ConfinedLauncher(replace(ConfinementProfile(), die_with_parent=False))
+
+
+def service_remote_command() -> RemoteCommand:
+    """How this service's launcher renders a remote's argv, for ``mpqemu-mgmt plan`` (the plan
+    then shows the command the service would really execute)."""
+    launcher = service_launcher()
+    return launcher.command if launcher is not None else ProcessLauncher().command
 
 
 def default_driver_factory(spec: GuestSpec, state_root: Path, before_step: StepRecorder | None = None

@@ -62,7 +62,7 @@ transport = "vfio-user"
     async def main() -> None:
         runtime = await driver.start(spec)
         try:
-            assert not list((state_root / spec.name).glob("vfu-*.sock")), "listening path must be gone"
+            assert not list((state_root / spec.name).glob("vfu/*.sock")), "listening path must be gone"
             await asyncio.to_thread(wait_seen, console, {EDU})
             await driver.attach(runtime, DeviceSpec(id="t1", model="pci-testdev", transport="vfio-user"))
             await asyncio.to_thread(wait_seen, console, {EDU, TESTDEV})

@@ -81,8 +81,9 @@ def test_bwrap_argv() -> None:
     assert argv[argv.index("--") + 1:] == ["python", "-m", "x"]
     i = argv.index("/code")
     assert argv[i - 1] == "--ro-bind" and argv[i + 1] == "/code"
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError) as info:
         bwrap_argv("bwrap", Sandbox(), [], info_fd=9)
+    assert info.value.exit_code == 2
 
 
 def test_rlimit_argv_sets_soft_equal_hard() -> None:

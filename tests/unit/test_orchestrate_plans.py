@@ -35,7 +35,7 @@ def test_start_order_and_undo() -> None:
     assert plan.steps[6].arguments["addr"] == "0x4"
     stock = plan.steps[2].argv
     assert stock[:3] == ("qemu-system-x86_64", "-machine", "x-remote")
-    assert "x-remote-object,id=robj-b,devid=b,fd={fd}" in stock
+    assert "x-remote-object,id=robj-b,devid=b,fd={fd:sock}" in stock
 
 
 def test_detach_arms_waiter_and_is_idempotent() -> None:
@@ -105,9 +105,9 @@ def test_vfio_user_transport_plan() -> None:
     # QEMU's vfio-user-pci refuses the fd form: listen on a path, no getfd.
     assert plan.qmp_commands() == ["device_add", "cont"]
     listen, add = plan.steps[1], plan.steps[2]
-    assert listen.arguments == {"listen": "/s/vfu-a.sock"} and "--transport" in listen.argv
+    assert listen.arguments == {"listen": "/s/vfu/a.sock"} and "--transport" in listen.argv
     assert add.arguments["driver"] == "vfio-user-pci"
-    assert add.arguments["socket"] == {"type": "unix", "path": "/s/vfu-a.sock"}
+    assert add.arguments["socket"] == {"type": "unix", "path": "/s/vfu/a.sock"}
 
 
 def test_libvirt_start_is_paused_create() -> None:
