@@ -1,0 +1,130 @@
+"""Replug under the libvirt driver with a real Linux guest (TCG), through a real ``mpqemu-mgmt serve``.
+
+The PCI-watching guest (guestkit/watch_guest.py) boots under libvirtd with one builtin edu remote
+(``on_failure = "replug"``). The remote is SIGKILLed: the service detects it (``dead``, pidfd),
+unplugs the dead proxy through libvirt's QMP passthrough (the guest acknowledges the ACPI eject),
+starts a fresh confined remote and plugs it (getfd through qemuMonitorCommandWithFiles, device_add);
+the guest's console shows the edu leave and come back on its PCI bus, and the fresh remote answers
+the heartbeat. Stopping the guest leaves no process of it behind.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mpqemu_mgmt.guestkit.watch_guest import EDU, place_images, read_pci_sets, watch_images
+from mpqemu_mgmt.service.procfs import proc_start_time
+from tests.integration.service_fixture import Service, service
+from tests.system.libvirt_fixture import URI, ensure_libvirtd
+
+__all__ = ["service"]
+
+
+def alive(pid: int) -> bool:
+    return proc_start_time(pid) is not None
+
+
+def domstate(name: str) -> str:
+    p = subprocess.run(["virsh", "-c", URI, "domstate", name], capture_output=True, text=True, timeout=30,
+                       check=False)
+    return p.stdout.strip() if p.returncode == 0 else "absent"
+
+
+def wait_sets(console: Path, done: object, timeout: float, what: str) -> list[dict[str, str]]:
+    """Poll the guest's PCI listings until ``done(sets)`` holds."""
+    deadline = time.monotonic() + timeout
+    sets: list[dict[str, str]] = []
+    while time.monotonic() < deadline:
+        sets = read_pci_sets(console)
+        if done(sets):  # type: ignore[operator]
+            return sets
+        time.sleep(0.1)
+    raise AssertionError(f"the guest never showed {what}; last listings: {sets[-3:]}")
+
+
+def test_replug_under_libvirt_with_a_real_guest(service: Service) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("confined remotes and qemu:///system need root")
+    reason = ensure_libvirtd()
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        kernel, initrd = place_images(service.root / "images", watch_images(ready="REPLUG-READY"))
+    except Exception as exc:
+        pytest.skip(f"no test guest: {exc}")
+    name = f"mq-rpl-{secrets.token_hex(3)}"
+    spec = service.root / f"{name}.toml"
+    spec.write_text(f"""name = "{name}"
+memory = "256M"
+machine = "pc"
+accel = "tcg"
+driver = "libvirt"
+uri = "{URI}"
+
+[boot]
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "console=ttyS0 quiet panic=-1"
+
+[[device]]
+id = "edu0"
+model = "edu"
+backend = "builtin"
+on_failure = "replug"
+""")
+    console = service.state / "guests" / name / "console.log"
+    try:
+        service.cli("define", str(spec))
+        service.cli("start", name)
+        assert domstate(name) == "running"
+        wait_sets(console, lambda s: bool(s) and EDU in s[-1].values(), 90, "the edu at boot")
+        _, st, _ = service.cli("status", name)
+        assert st["driver"] == "libvirt"
+        main, old = st["pid"], st["devices"][0]["pid"]
+        service.wait_event(name, "healthy", "edu0", timeout=15)
+
+        # SIGKILL the remote: detected, replugged with a fresh confined remote
+        seen = len(read_pci_sets(console))
+        t0 = time.time()
+        os.kill(old, signal.SIGKILL)
+        dead = service.wait_event(name, "dead", "edu0", timeout=5, after=t0)
+        replugged = service.wait_event(name, "replugged", "edu0", timeout=60, after=t0)
+        print(f"\nREPLUG (libvirt driver, real guest): dead detected in {(dead['time'] - t0) * 1000:.0f} ms, "
+              f"replugged after {replugged['time'] - t0:.1f} s")
+        assert dead["time"] - t0 < 1.0
+        assert not alive(old)
+        _, st, _ = service.cli("status", name)
+        dev = st["devices"][0]
+        assert dev["pid"] and dev["pid"] != old and alive(dev["pid"]) and dev["restarts"] == 1
+        conf = dev["confinement"]
+        assert conf.get("seccomp") and conf.get("namespaces") and conf.get("uid") not in (None, 0), conf
+        assert st["pid"] == main and alive(main) and domstate(name) == "running"
+        service.wait_event(name, "healthy", "edu0", timeout=15, after=replugged["time"])
+
+        # the guest saw the edu leave its PCI bus and come back
+        def left_and_back(sets: list[dict[str, str]]) -> bool:
+            later = sets[seen:]
+            gone = next((i for i, s in enumerate(later) if EDU not in s.values()), None)
+            return gone is not None and any(EDU in s.values() for s in later[gone + 1:])
+
+        wait_sets(console, left_and_back, 30, "the edu leave and come back")
+
+        # stop: nothing of the guest is left
+        service.cli("stop", name, "--force")
+        assert domstate(name) == "shut off"
+        assert not alive(main) and not alive(dev["pid"])
+        assert service.leftovers() == []
+        kinds = [e["kind"] for e in service.events(name)]
+        for kind in ("running", "dead", "replugged", "healthy", "stopped"):
+            assert kind in kinds, kinds
+    finally:
+        service.cli("stop", name, "--force", check=False, timeout=60)
+        subprocess.run(["virsh", "-c", URI, "destroy", name], capture_output=True, timeout=30, check=False)
+        subprocess.run(["virsh", "-c", URI, "undefine", name], capture_output=True, timeout=30, check=False)
