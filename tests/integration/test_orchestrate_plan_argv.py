@@ -86,7 +86,10 @@ def test_plan_argv_is_what_the_launcher_runs(launcher: RemoteLauncher) -> None:
                     spawned.proxy_end.close()
                 await launcher.stop(spawned.runtime, timeout=5, force=False)
 
-    asyncio.run(asyncio.wait_for(run(), 80))
+    try:
+        asyncio.run(asyncio.wait_for(run(), 80))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.skipif(not CONFINED, reason="the confined launcher needs root and bubblewrap")
@@ -133,3 +136,44 @@ def test_refused_hand_over_is_closed(tmp_path: Path) -> None:
     assert ours.recv(1) == b""  # no copy of the other end is left anywhere
     ours.close()
     assert not (tmp_path / "v1.qmp").exists() and not (tmp_path / "v2.qmp").exists()
+
+
+@pytest.mark.skipif(not CONFINED, reason="the service's confined launcher needs root and bubblewrap")
+def test_cli_plan_shows_what_the_service_runs() -> None:
+    """``mpqemu-mgmt plan`` (no service needed) prints the argv the service's launcher executes."""
+    import json
+    import subprocess
+
+    from mpqemu_mgmt.service.daemon import service_launcher
+
+    root = short_root("mpqa-")
+    spec = root / "g.toml"
+    spec.write_text('name = "g"\n[[device]]\nid = "edu0"\nmodel = "edu"\n')
+    state = root / "st"
+    p = subprocess.run([sys.executable, "-m", "mpqemu_mgmt.cli.app", "--state-dir", str(state), "--format",
+                        "json", "plan", str(spec), "start"], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert p.returncode == 0, p.stderr
+    (step,) = [s for s in json.loads(p.stdout)["steps"] if s["op"] == "launch-remote"]
+    argv = step["argv"]
+    assert argv[0].endswith("prlimit") and "{fd:sock}" in argv and "--die-with-parent" not in argv
+    launcher = service_launcher()
+    assert launcher is not None
+    paths = GuestPaths(str(state / "guests" / "g"))
+    dev = DeviceSpec(id="edu0", model="edu")
+
+    async def run() -> None:
+        spawned = await launcher.launch("edu0", (), qmp_path=paths.remote_qmp("edu0"),
+                                        log_path=str(root / "edu0.log"), backing=None, readonly=False,
+                                        timeout=20, device=dev)
+        try:
+            assert substitute_fds(argv, spawned.runtime.fds) == list(spawned.runtime.argv)
+        finally:
+            if spawned.proxy_end is not None:
+                spawned.proxy_end.close()
+            await launcher.stop(spawned.runtime, timeout=5, force=False)
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 40))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -4,7 +4,8 @@ listens on a path in the state directory, device_add connects to it, and the rem
 that connection. A real guest sees the device; hot-plug and stop leave nothing behind.
 
 QEMU runs as root here: the sid root lives under root's cache, which an unprivileged bwrap cannot
-reach. Remotes use ProcessLauncher: confine.launcher cannot take a pre-connected socket yet."""
+reach. Remotes use the unconfined ProcessLauncher here; the confined launcher's vfio-user hand-over
+(LaunchRequest.connected) is proven under the service in test_service_vfio_user.py."""
 
 from __future__ import annotations
 
