@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,15 @@ def test_connected_socket_is_served_confined_and_closed(tmp_path: Path) -> None:
         launched.wait_ready(20)
         status = Path(f"/proc/{launched.pid}/status").read_text()
         assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
+        # exactly the fd set it was given, under the same numbers: stdio, the handed-over
+        # connection and its QMP listener (the BPF memfd was read and closed, bwrap's info pipe
+        # never reaches the device). wait_ready's QMP client may still be open on the remote's
+        # side for a moment: poll until that one is gone.
+        want = {0, 1, 2, launched.fds["sock"], launched.fds["qmp"]}
+        deadline = time.monotonic() + 5
+        while (held := {int(fd) for fd in os.listdir(f"/proc/{launched.pid}/fd")}) != want:
+            assert time.monotonic() < deadline, (held, want)
+            time.sleep(0.05)
         # it serves our end of the connection: a vfio-user handshake and edu's IDs come back
         client = VfioUserClient(ours)
         client.handshake()
