@@ -65,6 +65,7 @@ class MpqemuDispatcher:
         self._debug = debug or (lambda _m: None)
         self.counts: dict[type, int] = {}
         self.errors = 0
+        self._rets: dict[int, Ret] = {}
 
     def _error(self, what: str, exc: BaseException | None = None) -> Ret:
         self.errors += 1
@@ -90,7 +91,7 @@ class MpqemuDispatcher:
             return self._bar_write(msg)
         if isinstance(msg, PciConfigRead):
             try:
-                return Ret(self.model.config_read(msg.addr, msg.length) & 0xFFFFFFFF)
+                return self._ret(self.model.config_read(msg.addr, msg.length) & 0xFFFFFFFF)
             except Exception as exc:
                 return self._error(f"bad PCI config read {msg.addr:#x}/{msg.length}", exc)
         if isinstance(msg, PciConfigWrite):
@@ -120,6 +121,16 @@ class MpqemuDispatcher:
         close_message(msg)
         return None
 
+    def _ret(self, value: int) -> Ret:
+        """Ret(value), one frozen instance per value read (a guest polls the same registers)."""
+        rets = self._rets
+        ret = rets.get(value)
+        if ret is None:
+            if len(rets) >= 4096:
+                rets.clear()
+            ret = rets[value] = Ret(value)
+        return ret
+
     def message_counts(self) -> dict[str, int]:
         """Messages handled so far, by message type name (for x-device-status)."""
         return {k.__name__: v for k, v in self.counts.items()}
@@ -139,7 +150,7 @@ class MpqemuDispatcher:
                 return self._error(f"bad address {msg.addr:#x} for {'mem' if msg.memory else 'io'} read")
             return Ret((1 << (8 * size)) - 1)
         try:
-            return Ret(self.model.bar_read(hit[0], hit[1], size) & ((1 << (8 * size)) - 1))
+            return self._ret(self.model.bar_read(hit[0], hit[1], size) & ((1 << (8 * size)) - 1))
         except Exception as exc:
             return self._error(f"BAR{hit[0]} read at {hit[1]:#x}/{size} failed", exc)
 

@@ -89,6 +89,22 @@ _HEADER_UNPACK = wire.HEADER.unpack_from
 _PCI_CONF_UNPACK = wire.PCI_CONF.unpack_from
 _BAR_ACCESS_UNPACK = wire.BAR_ACCESS.unpack_from
 _AT_BOUNDARY = (wire.HEADER_SIZE, True)  # Endpoint.wants() with nothing buffered
+_DECODED_MAX = 4096  # distinct payloads (and RET values) remembered per command before a reset
+_DEVICE_RESET = DeviceReset()
+
+
+def _decode_fast(cmd: int, payload: bytearray) -> Message:
+    """What messages.decode returns for a fast-path command with its exact payload size, no fds."""
+    if cmd == _CFGREAD:
+        addr, value, length = _PCI_CONF_UNPACK(payload)
+        return PciConfigRead(addr, length, value)
+    if cmd == _CFGWRITE:
+        addr, value, length = _PCI_CONF_UNPACK(payload)
+        return PciConfigWrite(addr, value, length)
+    addr, value, width, memory = _BAR_ACCESS_UNPACK(payload)
+    if cmd == _BAR_READ:
+        return BarRead(addr, width, memory != 0, value)
+    return BarWrite(addr, value, width, memory != 0)
 # plain ints: the socket module's flags are IntFlag members, whose operators are slow Python code
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
@@ -133,6 +149,8 @@ class Transport:
         self._payload_view = memoryview(self._payload)
         # one view per fast payload size, so the common single read creates no object
         self._payload_views = {n: self._payload_view[:n] for n in set(_FAST_SIZES.values())}
+        self._decoded: dict[int, dict[bytes, Message]] = {cmd: {} for cmd in _FAST_SIZES}
+        self._ret_frames: dict[int, bytes] = {}
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -246,20 +264,19 @@ class Transport:
                     got += k
                 if got == size:
                     self._fast_due = True
-                    payload = self._payload
-                    if fast == _CFGREAD:
-                        addr, value, length = _PCI_CONF_UNPACK(payload)
-                        return PciConfigRead(addr, length, value)
-                    if fast == _CFGWRITE:
-                        addr, value, length = _PCI_CONF_UNPACK(payload)
-                        return PciConfigWrite(addr, value, length)
-                    if fast == _BAR_READ:
-                        addr, value, width, memory = _BAR_ACCESS_UNPACK(payload)
-                        return BarRead(addr, width, memory != 0, value)
-                    if fast == _BAR_WRITE:
-                        addr, value, width, memory = _BAR_ACCESS_UNPACK(payload)
-                        return BarWrite(addr, value, width, memory != 0)
-                    return DeviceReset()
+                    if not size:
+                        return _DEVICE_RESET
+                    # a guest polls the same few registers: decode each distinct payload once
+                    # (messages are frozen, so one instance can be handed out many times)
+                    key = bytes(self._payload_views[size])
+                    cache = self._decoded[fast]
+                    msg = cache.get(key)
+                    if msg is None:
+                        msg = _decode_fast(fast, self._payload)
+                        if len(cache) >= _DECODED_MAX:
+                            cache.clear()
+                        cache[key] = msg
+                    return msg
                 # the peer closed inside the payload: the endpoint judges it (TruncatedMessage)
                 self._feed(bytes(header), FdBundle(), False)
                 if got:
@@ -362,10 +379,16 @@ class Transport:
         # the reply is no longer due even if encoding fails (the endpoint steps first, too)
         self._fast_due = False
         value = msg.value
-        if msg.size == _RET_SIZE and 0 <= value <= wire.UINT64_MAX:
-            data = _RET_FRAME.pack(_RET_CMD, _RET_SIZE, value)
-        else:
-            data, _ = encode(msg)  # validates like the endpoint (ProtocolError when it cannot)
+        frames = self._ret_frames
+        data = frames.get(value) if msg.size == _RET_SIZE else None
+        if data is None:
+            if msg.size == _RET_SIZE and 0 <= value <= wire.UINT64_MAX:
+                data = _RET_FRAME.pack(_RET_CMD, _RET_SIZE, value)
+                if len(frames) >= _DECODED_MAX:
+                    frames.clear()
+                frames[value] = data
+            else:
+                data, _ = encode(msg)  # validates like the endpoint (ProtocolError when it cannot)
         sock = self.sock
         while True:
             try:
