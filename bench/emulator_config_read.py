@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
                 order = ((ps, "stock"), (po, "ours")) if r % 2 == 0 else ((po, "ours"), (ps, "stock"))
                 for px, who in order:
                     res.setdefault((name, who), []).append(batch(px, msg, args.batch))
-        # the raw client last: it reads the sockets directly, behind ProxySim's back
+        # the raw client last: it reads the sockets directly, behind ProxySim's back, and blocks
+        # in recv as QEMU's proxy does (its channel is blocking; ProxySim's socket timeout would
+        # add a poll before every call)
+        for sock in (s_sock, o_sock):
+            sock.settimeout(None)
         raw_batch(s_sock, 200)
         raw_batch(o_sock, 200)
         socks = {"stock": s_sock, "ours": o_sock}
