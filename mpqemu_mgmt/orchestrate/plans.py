@@ -199,8 +199,10 @@ def plug_steps(spec: GuestSpec, dev: DeviceSpec, place: topology.Placement, path
         undo += (unplug,)
     if dev.transport == "vfio-user":
         # QEMU >= 10.1 vfio-user-pci connects to a UNIX path and refuses the fd form ("Unsupported
-        # socket type fd", hw/vfio-user/pci.c): listen on a path in the state dir, and start the
-        # remote on the connection QEMU makes while device_add's realize waits for VERSION.
+        # socket type fd", hw/vfio-user/pci.c): listen on a path in the state dir's private vfu/
+        # directory (0700, the main QEMU's uid), accept the connection QEMU makes while
+        # device_add's realize waits for VERSION, unlink the path, and start the (confined) remote
+        # on that connection. A replug or hard reset binds the path afresh for a fresh device_add.
         sock = paths.vfio_user_socket(dev.id)
         listen = Step(
             Op.LAUNCH_REMOTE, device=dev.id, argv=remote_command(spec, dev, paths),
