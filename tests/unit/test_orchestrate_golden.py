@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-
-import pytest
-
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from mpqemu_mgmt.confine.launcher import LaunchRequest, profile_for
 from mpqemu_mgmt.confine.profile import ConfinementProfile
@@ -43,7 +42,8 @@ def reference_command(spec: GuestSpec, dev: DeviceSpec, paths: GuestPaths) -> tu
         readonly=dev.readonly, qemu_binary=spec.qemu_binary,
         qemu_props=tuple(f"{k}={v}" for k, v in dev.props), python=PYTHON)
     profile = profile_for(dev.backend, SERVICE_PROFILE)
-    code = (f"{SITE}/mpqemu_mgmt", f"{SITE}/policies", "/opt/mpqemu-mgmt/venv") if dev.backend == "builtin" else ()
+    builtin = dev.backend == "builtin"
+    code = (f"{SITE}/mpqemu_mgmt", f"{SITE}/policies", "/opt/mpqemu-mgmt/venv") if builtin else ()
     host = LaunchHost("/usr/bin/prlimit", "/usr/bin/bwrap", (*code, "/etc/ld.so.cache"), SYMLINKS)
     return tuple(confined_command(request, profile, host, remote_fds_shape(request, profile)))
 
