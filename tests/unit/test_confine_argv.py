@@ -148,3 +148,41 @@ def test_tmpfs_tmp_comes_before_code_binds_under_tmp() -> None:
     sandbox = namespaces.Sandbox(ro_binds=("/tmp/checkout/.venv",), symlinks=(), die_with_parent=True)
     argv = namespaces.bwrap_argv("bwrap", sandbox, ["python"], info_fd=5)
     assert argv.index("--tmpfs") < argv.index("/tmp/checkout/.venv")
+
+
+def test_confined_command_layers_and_placeholders() -> None:
+    from dataclasses import replace
+
+    from mpqemu_mgmt.confine.launcher import LaunchRequest
+    from mpqemu_mgmt.confine.remote_argv import (
+        LaunchHost,
+        confined_command,
+        remote_fds_shape,
+        substitute_fds,
+    )
+
+    host = LaunchHost("/p/prlimit", "/b/bwrap", ("/code",), (("usr/lib", "/lib"),))
+    req = LaunchRequest("d0", "virtio-blk", Path("/s/q"), backing=(Path("/img"),), python="/py")
+    profile = ConfinementProfile()
+    fds = remote_fds_shape(req, profile)
+    assert set(fds.named()) == {"sock", "qmp", "backing0", "seccomp-bpf", "info"}
+    argv = confined_command(req, profile, host, fds, backing_size=1 << 40)
+    assert argv[0] == "/p/prlimit" and f"--fsize={1 << 40}:{1 << 40}" in argv  # raised to the image
+    bwrap = argv.index("/b/bwrap")
+    assert argv[bwrap - 1] == "--" and argv[argv.index("--info-fd") + 1] == "{fd:info}"
+    inner = argv[argv.index("--", bwrap) + 1:]
+    assert inner[:4] == ["/py", "-I", "-m", "mpqemu_mgmt.remote"]
+    assert inner[inner.index("--seccomp-bpf-fd") + 1] == "{fd:seccomp-bpf}"
+    numbers = {"sock": 5, "qmp": 6, "backing0": 7, "seccomp-bpf": 8, "info": 9}
+    filled = substitute_fds(argv, numbers)
+    assert "{" not in " ".join(filled) and filled[filled.index("--fd") + 1] == "5"
+    # no namespaces: prlimit execs the remote directly, and there is no info pipe
+    flat = replace(profile, namespaces=False, seccomp=SeccompMode.OFF)
+    shape = remote_fds_shape(req, flat)
+    assert shape.info is None and shape.seccomp_bpf is None
+    argv = confined_command(req, flat, host, shape)
+    assert "/b/bwrap" not in argv and argv[argv.index("--") + 1] == "/py"
+    with pytest.raises(UsageError):  # a namespaced command without its info fd
+        confined_command(req, profile, host, replace(fds, info=None))
+    stock = LaunchRequest("t0", "pci-testdev", Path("/s/q"), backend="qemu")
+    assert set(remote_fds_shape(stock, profile).named()) == {"sock", "qmp", "info"}
