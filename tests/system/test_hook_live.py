@@ -1,4 +1,4 @@
-"""The libvirt hook inside a live libvirtd (libvirt 9.0, QEMU 7.2, no guest OS).
+"""The libvirt hook inside a live libvirtd (libvirt 9.0, QEMU 7.2, the PCI-watching guest, TCG).
 
 ``mpqemu-mgmt hook install`` puts the real script into /etc/libvirt/hooks/qemu.d/ (libvirtd's hook
 directory is fixed at build time: $SYSCONFDIR/libvirt/hooks, src/util/virhook.c); libvirtd then
@@ -10,7 +10,9 @@ order:
    error text carries the hook's reason (libvirt reports the script's stderr);
 2. the same guest started by our service (libvirt driver) starts: prepare sees the start token;
 3. libvirtd is restarted while the guest runs: the ``reconnect`` hook runs and does not fail, the
-   guest keeps running (same QEMU pid), and the service's heartbeat reaches it again;
+   guest keeps running (same QEMU pid), and the service still drives it over a new connection: a
+   SIGKILLed remote is replugged (DEVICE_DELETED arrives on the re-registered event callback) and
+   the guest's kernel enumerates the edu anew;
 4. with the service gone, ``virsh destroy``: the ``release`` hook alone reaps the remote.
 
 The hook's answer time inside libvirtd comes from libvirtd's own debug log (util.hook's "Calling
@@ -31,17 +33,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from mpqemu_mgmt.guestkit.watch_guest import EDU, place_images, read_pci_sets, watch_images
 from mpqemu_mgmt.hook import DEFAULT_HOOKS_DIR, HOOK_NAME
 from mpqemu_mgmt.service.procfs import proc_start_time
-from tests.integration.service_fixture import Service, service, write_spec
+from tests.integration.service_fixture import Service, service
 from tests.system.libvirt_fixture import URI, ensure_libvirtd
+from tests.system.test_service_libvirt_replug import enumerations
 
 __all__ = ["service"]
 
@@ -220,11 +224,36 @@ def domstate(name: str) -> str:
     return p.stdout.strip() if p.returncode == 0 else "absent"
 
 
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
 def test_hook_inside_libvirtd(service: Service, live_hook: LiveHook) -> None:
+    try:
+        kernel, initrd = place_images(service.root / "images", watch_images(ready="HOOK-READY"))
+    except Exception as exc:
+        pytest.skip(f"no test guest: {exc}")
     name = f"mq-hook-{secrets.token_hex(3)}"
-    spec = write_spec(service.root, name,
-                      {"id": "t0", "model": "pci-testdev", "backend": "builtin", "on_failure": "ignore"},
-                      extra='driver = "libvirt"\nuri = "qemu:///system"\n')
+    spec = service.root / f"{name}.toml"
+    spec.write_text(f"""name = "{name}"
+memory = "256M"
+accel = "tcg"
+driver = "libvirt"
+uri = "{URI}"
+[boot]
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "console=ttyS0 panic=-1"
+[[device]]
+id = "edu0"
+model = "edu"
+backend = "builtin"
+on_failure = "replug"
+""")
+    console = service.state / "guests" / name / "console.log"
     try:
         service.cli("define", str(spec))
         # 1. the designer's domain, defined by hand and started with plain virsh: refused, with reason
@@ -233,7 +262,7 @@ def test_hook_inside_libvirtd(service: Service, live_hook: LiveHook) -> None:
         assert virsh("define", str(xml)).returncode == 0
         p = virsh("start", name)
         assert p.returncode != 0, p.stdout
-        assert f"mpqemu-mgmt start {name}" in p.stderr and "remote devices (t0)" in p.stderr, p.stderr
+        assert f"mpqemu-mgmt start {name}" in p.stderr and "remote devices (edu0)" in p.stderr, p.stderr
         assert domstate(name) == "shut off"
 
         # 2. our service starts it: the hook lets it through
@@ -242,13 +271,23 @@ def test_hook_inside_libvirtd(service: Service, live_hook: LiveHook) -> None:
         _, st, _ = service.cli("status", name)
         main, remote = st["pid"], st["devices"][0]["pid"]
         assert alive(main) and alive(remote)
+        wait_until(lambda: any(EDU in s.values() for s in read_pci_sets(console)), 90, "guest never saw edu")
 
         # 3. libvirtd restarts under the running guest: reconnect hook, the guest keeps running
         restart_libvirtd(live_hook.env, "-f", str(live_hook.conf))
         assert domstate(name) == "running"
         assert alive(main) and alive(remote)
-        # the service still manages it through the new libvirtd: a system_reset goes through
-        service.cli("reset", name)
+        # ... and the service still manages it through the new libvirtd: a SIGKILLed remote is
+        # replugged (device_del, DEVICE_DELETED from the guest, getfd + device_add) over a fresh
+        # connection, and the guest's kernel enumerates the edu anew
+        before = enumerations(console)
+        t0 = time.time()
+        os.kill(remote, signal.SIGKILL)
+        service.wait_event(name, "replugged", "edu0", timeout=60, after=t0)
+        wait_until(lambda: enumerations(console) > before
+                   and EDU in (read_pci_sets(console) or [{}])[-1].values(), 30,
+                   "the guest's kernel did not enumerate the edu again")
+        remote = service.cli("status", name)[1]["devices"][0]["pid"]
         assert alive(main) and alive(remote)
 
         # 4. the service goes away (its guests stay); the remote is SIGSTOPped, so it cannot leave
