@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, log: _Log) -> int:
     if args.transport == "vfio-user":
-        # vfio_user_serve compiles its filter itself: a precompiled one is not left open
-        _read_bpf(args.seccomp_bpf_fd)
+        # read and closed now, never left open; vfio_user_serve still compiles its filter itself
+        # (its lock_down call can take this program as bpf=args.seccomp_bpf)
+        args.seccomp_bpf = _read_bpf(args.seccomp_bpf_fd)
         return _run_vfio_user(args, log)
 
     from mpqemu_mgmt.devices import catalogue
