@@ -118,24 +118,6 @@ class Remote:
         )
         return out
 
-    def _handle_message(self) -> bool:
-        """Read and answer one message; False when the proxy has gone.
-
-        BlockingIOError when the hot-mode read timed out before a message started (nothing read).
-        """
-        msg = self.transport.read_message()
-        if msg is None:
-            return False
-        reply = self.dispatcher.handle(msg)
-        if reply is not None:
-            try:
-                self.transport.send_message(reply)
-            except OSError as exc:
-                if is_disconnect(exc):
-                    return False
-                raise
-        return True
-
     def _watch_key(self) -> tuple[int | None, int | None]:
         qmp_fd = self.qmp.filenos()[0] if self.qmp is not None else None
         return self.irq.resample_fileno, qmp_fd
