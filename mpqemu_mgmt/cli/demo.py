@@ -2,8 +2,10 @@
 
 It boots the test guest (Debian's cloud kernel, a busybox initramfs that prints the guest's PCI bus
 whenever it changes) with our edu and a stock QEMU lsi53c895a, both confined; shows what the guest
-sees; hot-plugs our pci-testdev; SIGKILLs a remote and shows the detection and the replug; stops
-cleanly and checks that no process is left; then prints a summary with the timings. Everything
+sees; hot-plugs our pci-testdev; SIGKILLs one remote and SIGSTOPs the other and shows the
+detection and the replug, proven at the guest's level by its kernel enumerating the device anew in
+its slot (exactly once per replug; see guestkit/watch_guest.py); stops cleanly and checks that no
+process is left; then prints a summary with the timings. Everything
 goes through the same Daemon handlers the control API serves. Must not reach into the driver.
 """
 
@@ -22,7 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from mpqemu_mgmt.errors import MpqemuError, ProcessFailed
-from mpqemu_mgmt.guestkit.watch_guest import EDU, LSI, TESTDEV, place_images, read_pci_sets, watch_images
+from mpqemu_mgmt.guestkit.watch_guest import (
+    EDU,
+    LSI,
+    TESTDEV,
+    SlotView,
+    place_images,
+    read_console,
+    read_pci_sets,
+    reenumerated,
+    slot_of,
+    slot_view,
+    watch_images,
+)
 
 NAMES = {
     EDU: "edu (ours, builtin remote)",
@@ -57,12 +71,38 @@ async def wait_bus(console: Path, want: set[str], gone: set[str], timeout: float
                         f"within {timeout:.0f}s", last=last)
 
 
+async def wait_reenumerated(console: Path, before: SlotView, timeout: float) -> SlotView:
+    """Until the guest's kernel has enumerated ``before``'s device once more in its slot and the
+    guest lists it there; the bus listing alone cannot tell (see guestkit/watch_guest.py)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = slot_view(read_console(console), before.ids, before.bdf)
+        why = reenumerated(before, now)
+        if why is None:
+            return now
+        if time.monotonic() >= deadline:
+            raise ProcessFailed(f"the replug of {before.name} was not seen by the guest within "
+                                f"{timeout:.0f}s: {why}", enumerations=now.enumerations)
+        await asyncio.sleep(0.1)
+
+
+def device_view(console: Path, ids: str) -> SlotView:
+    """The guest's view of ``ids`` where its latest PCI listing shows it."""
+    text = read_console(console)
+    bdf = slot_of(text, ids)
+    if bdf is None:
+        raise ProcessFailed(f"the guest does not list {ids}")
+    return slot_view(text, ids, bdf)
+
+
 def guest_images(into: Path) -> tuple[Path, Path]:
     """The demo's watching guest (its console starts with DEMO-READY), placed in ``into``."""
     return place_images(into, watch_images(ready="DEMO-READY"))
 
 
 def spec_text(kernel: Path, initrd: Path) -> str:
+    """The demo guest's spec. No ``quiet`` on the kernel command line: the kernel's PCI
+    enumeration lines (KERN_INFO) must reach the console, they are the proof of a replug."""
     return f"""name = "demo"
 memory = "256M"
 machine = "pc"
@@ -72,7 +112,7 @@ driver = "direct"
 [boot]
 kernel = "{kernel}"
 initrd = "{initrd}"
-cmdline = "console=ttyS0 quiet panic=-1"
+cmdline = "console=ttyS0 panic=-1"
 
 [[device]]
 id = "edu0"
@@ -151,6 +191,9 @@ async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> Non
         t0 = time.monotonic()
         bus = await wait_bus(console, {EDU, LSI}, set(), 90)
         step("guest booted and listed its bus", t0)
+        if device_view(console, EDU).enumerations != 1:
+            # without the boot-time line no replug could be proven either (``quiet``?)
+            raise ProcessFailed("the guest's console does not show its kernel enumerating the edu once")
         for line in _bus_lines(bus, {EDU, LSI}):
             out(line)
 
@@ -167,6 +210,7 @@ async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> Non
         status = await call("status", name="demo")
         victim = next(d for d in status["devices"] if d["id"] == "edu0")
         mark = len(seen)
+        edu_before = device_view(console, EDU)
         t_kill = time.monotonic()
         os.kill(int(victim["pid"]), signal.SIGKILL)
         out(f"     kill -9 {victim['pid']}")
@@ -187,9 +231,10 @@ async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> Non
         t_healthy = await event("healthy", "edu0", 10)
         status = await call("status", name="demo")
         fresh = next(d for d in status["devices"] if d["id"] == "edu0")
-        bus = await wait_bus(console, {EDU, LSI, TESTDEV}, set(), 30)
+        await wait_reenumerated(console, edu_before, 30)
+        out(f"     guest re-enumerated {edu_before.name} (one new kernel enumeration line for the slot)")
         step("edu0 replugged and healthy", t_kill,
-             f"new pid {fresh['pid']}, restarts {fresh['restarts']}")
+             f"guest re-enumerated {edu_before.name}; new pid {fresh['pid']}")
         summary.figures["dead remote detected (SIGKILL → event)"] = f"{detect_ms:.1f} ms"
         summary.figures["replug done (unplug acked, fresh remote, plug)"] = f"{t_replugged - t_kill:.1f} s"
         summary.figures["replugged remote answers query-status"] = f"{t_healthy - t_kill:.1f} s"
@@ -201,6 +246,7 @@ async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> Non
             "and replugged")
         mark = len(seen)
         lsi = next(d for d in status["devices"] if d["id"] == "lsi0")
+        lsi_before = device_view(console, LSI)
         t_stop = time.monotonic()
         os.kill(int(lsi["pid"]), signal.SIGSTOP)
         out(f"     kill -STOP {lsi['pid']}   (heartbeat: query-status every 0.5 s, 1 s timeout)")
@@ -211,8 +257,14 @@ async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> Non
         await event("healthy", "lsi0", 10)
         status = await call("status", name="demo")
         fresh = next(d for d in status["devices"] if d["id"] == "lsi0")
-        await wait_bus(console, {EDU, LSI, TESTDEV}, set(), 30)
-        step("lsi0 replugged and healthy", t_stop, f"new pid {fresh['pid']}, restarts {fresh['restarts']}")
+        await wait_reenumerated(console, lsi_before, 30)
+        out(f"     guest re-enumerated {lsi_before.name} (one new kernel enumeration line for the slot)")
+        # and the edu's replug stays a single enumeration
+        why = reenumerated(edu_before, slot_view(read_console(console), EDU, edu_before.bdf))
+        if why is not None:
+            raise ProcessFailed(f"after the lsi0 replug: {why}")
+        step("lsi0 replugged and healthy", t_stop,
+             f"guest re-enumerated {lsi_before.name}; new pid {fresh['pid']}")
         summary.figures["hung remote detected (SIGSTOP → event)"] = f"{hung_ms:.0f} ms"
         for _t, ev in seen[mark:]:
             if ev.device == "lsi0":

@@ -3,14 +3,26 @@
 Debian's cloud kernel with a busybox initramfs running ``scripts/pci_watch.sh``, which prints
 ``PCISET <bdf>=<vendor>:<device> ...`` once and again whenever the guest's PCI functions change;
 ``mpqemu-mgmt demo`` and the driver and fault system tests read those lines from the console log
-after each plug, unplug and replug. :func:`parse_pci_sets` is pure; the IO edge is
-:func:`read_pci_sets` (reads the log), :func:`watch_images` (fetches the kernel, builds the image)
-and :func:`place_images` (copies both where QEMU can read them). Nothing here starts QEMU.
+after each plug, unplug and replug.
+
+The listing is polled (every 0.2 s) and a replug takes about 0.15 s, so it cannot prove that the
+guest saw a device leave and come back. The proof of a replug is the guest kernel's own
+enumeration line, ``pci 0000:00:03.0: [1234:11e8] type 00 class ...``, printed once per device
+found at boot and once per ACPI hot-add (booted without ``quiet``): :func:`slot_view` counts them
+for one slot, and :func:`reenumerated` says whether a replug added exactly the expected ones and
+the device is listed afterwards.
+
+:func:`parse_pci_sets`, :func:`parse_enumerations`, :func:`slot_view` and :func:`reenumerated`
+are pure; the IO edge is :func:`read_console` and :func:`read_pci_sets` (read the log),
+:func:`watch_images` (fetches the kernel, builds the image) and :func:`place_images` (copies both
+where QEMU can read them). Nothing here starts QEMU or waits.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from mpqemu_mgmt.guestkit.initramfs import GuestScript, build_initramfs, store_initramfs
@@ -40,13 +52,87 @@ def parse_pci_sets(text: str) -> list[dict[str, str]]:
     return out
 
 
+# pci_setup_device's ``pci_info(dev, "[%04x:%04x] type %02x class %#08x", ...)`` in the guest's
+# drivers/pci/probe.c, prefixed by dev_info with ``pci <domain:bus:slot.fn>: ``. It runs for each
+# function found by the boot scan and by acpiphp's rescan of a slot QEMU's ACPI PCI hot-plug
+# (hw/acpi/pcihp.c) reported as inserted, and only then: a function that stays put is not
+# enumerated again. Not anchored to the line start: the console may carry a timestamp before it.
+_ENUM_RE = re.compile(
+    r"pci ([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]): \[([0-9a-f]{4}):([0-9a-f]{4})\] type [0-9a-f]{2}"
+)
+
+
+@dataclass(frozen=True)
+class Enumerated:
+    """One enumeration of a PCI function by the guest's kernel, spelt like the PCISET lines."""
+
+    bdf: str  # 0000:00:03.0
+    ids: str  # 0x1234:0x11e8
+
+
+def parse_enumerations(text: str) -> list[Enumerated]:
+    """Every function the guest's kernel enumerated in ``text``, oldest first. Pure."""
+    return [Enumerated(m[1], f"0x{m[2]}:0x{m[3]}") for m in _ENUM_RE.finditer(text)]
+
+
+def short_name(ids: str, bdf: str) -> str:
+    """``1234:11e8 at 00:03.0``: how a person reads ``0x1234:0x11e8`` at ``0000:00:03.0``."""
+    slot = bdf[5:] if bdf.startswith("0000:") else bdf
+    return f"{ids.replace('0x', '')} at {slot}"
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What the guest showed of one device in one slot: its kernel enumerated it ``enumerations``
+    times there, and its latest PCI listing shows it there (``listed``)."""
+
+    bdf: str
+    ids: str
+    enumerations: int
+    listed: bool
+
+    @property
+    def name(self) -> str:
+        return short_name(self.ids, self.bdf)
+
+
+def slot_view(text: str, ids: str, bdf: str) -> SlotView:
+    """:class:`SlotView` of ``ids`` at ``bdf`` in the console text ``text``. Pure."""
+    count = sum(1 for e in parse_enumerations(text) if e.bdf == bdf and e.ids == ids)
+    sets = parse_pci_sets(text)
+    return SlotView(bdf, ids, count, bool(sets) and sets[-1].get(bdf) == ids)
+
+
+def slot_of(text: str, ids: str) -> str | None:
+    """The slot where the latest PCI listing in ``text`` shows ``ids`` (the lowest of several). Pure."""
+    sets = parse_pci_sets(text)
+    slots = sorted(bdf for bdf, v in (sets[-1] if sets else {}).items() if v == ids)
+    return slots[0] if slots else None
+
+
+def reenumerated(before: SlotView, now: SlotView, times: int = 1) -> str | None:
+    """Whether the guest saw ``times`` replugs of the device between ``before`` and ``now``: its
+    kernel enumerated it exactly ``times`` more times in that slot and it is listed there. None when
+    it did; otherwise what is missing (still waiting, or never going to happen). Pure."""
+    seen = now.enumerations - before.enumerations
+    if seen != times:
+        return f"the guest's kernel enumerated {now.name} {seen} time(s) since, not {times}"
+    if not now.listed:
+        return f"the guest's PCI listing does not show {now.name}"
+    return None
+
+
+def read_console(console: Path) -> str:
+    """The console log so far; empty while there is none yet."""
+    try:
+        return console.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def read_pci_sets(console: Path) -> list[dict[str, str]]:
     """:func:`parse_pci_sets` of the console log so far; none while there is no log yet."""
-    try:
-        text = console.read_text(errors="replace")
-    except OSError:
-        return []
-    return parse_pci_sets(text)
+    return parse_pci_sets(read_console(console))
 
 
 def watch_images(ready: str = "WATCH-READY") -> tuple[Path, Path]:

@@ -4,8 +4,9 @@ The PCI-watching guest (guestkit/watch_guest.py) boots under libvirtd with one b
 (``on_failure = "replug"``). The remote is SIGKILLed: the service detects it (``dead``, pidfd),
 unplugs the dead proxy through libvirt's QMP passthrough (the guest acknowledges the ACPI eject),
 starts a fresh confined remote and plugs it (getfd through qemuMonitorCommandWithFiles, device_add);
-the guest's kernel enumerates the edu anew (its console log, without ``quiet``) and its PCI listing
-shows it, and the fresh remote answers the heartbeat. Stopping the guest leaves no process of it behind.
+the guest's kernel enumerates the edu anew in its slot, exactly once (its console log, without
+``quiet``; guestkit/watch_guest.py counts the lines), its PCI listing shows it, and the fresh remote
+answers the heartbeat. Stopping the guest leaves no process of it behind.
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from mpqemu_mgmt.guestkit.watch_guest import EDU, place_images, read_pci_sets, watch_images
+from mpqemu_mgmt.guestkit.watch_guest import (
+    EDU,
+    parse_enumerations,
+    place_images,
+    read_console,
+    read_pci_sets,
+    reenumerated,
+    slot_of,
+    slot_view,
+    watch_images,
+)
 from mpqemu_mgmt.service.procfs import proc_start_time
 from tests.integration.service_fixture import Service, service
 from tests.system.libvirt_fixture import URI, ensure_libvirtd
@@ -38,13 +49,10 @@ def domstate(name: str) -> str:
 
 
 def enumerations(console: Path) -> int:
-    """How often the guest's kernel enumerated an edu: pci_setup_device's ``[vendor:device] type``
-    line (drivers/pci/probe.c), at boot and on each ACPI hot-add (acpiphp). The watcher's own
-    listings cannot tell a quick replug: it polls every 0.2 s and a replug takes about 0.15 s."""
-    try:
-        return console.read_text(errors="replace").count("[1234:11e8] type")
-    except OSError:
-        return 0
+    """How often the guest's kernel enumerated an edu, in any slot (watch_guest.parse_enumerations):
+    at boot and on each ACPI hot-add. The watcher's own listings cannot tell a quick replug: it polls
+    every 0.2 s and a replug takes about 0.15 s. (test_hook_live uses this too.)"""
+    return sum(1 for e in parse_enumerations(read_console(console)) if e.ids == EDU)
 
 
 def wait_sets(console: Path, done: object, timeout: float, what: str) -> list[dict[str, str]]:
@@ -101,8 +109,11 @@ on_failure = "replug"
         service.wait_event(name, "healthy", "edu0", timeout=15)
 
         # SIGKILL the remote: detected, replugged with a fresh confined remote
-        before = enumerations(console)
-        assert before == 1
+        text = read_console(console)
+        slot = slot_of(text, EDU)
+        assert slot is not None
+        before = slot_view(text, EDU, slot)
+        assert before.enumerations == 1 and enumerations(console) == 1
         t0 = time.time()
         os.kill(old, signal.SIGKILL)
         dead = service.wait_event(name, "dead", "edu0", timeout=5, after=t0)
@@ -119,10 +130,10 @@ on_failure = "replug"
         assert st["pid"] == main and alive(main) and domstate(name) == "running"
         service.wait_event(name, "healthy", "edu0", timeout=15, after=replugged["time"])
 
-        # the guest saw the edu come back: its kernel enumerated it anew (it cannot while the old one
-        # is still there), and its PCI listing shows it
-        wait_sets(console, lambda sets: enumerations(console) > before and EDU in sets[-1].values(), 30,
-                  "its kernel enumerate the edu again")
+        # the guest saw the edu come back: its kernel enumerated it anew in its slot, exactly once
+        # (it cannot while the old one is still there), and its PCI listing shows it there
+        wait_sets(console, lambda _sets: reenumerated(before, slot_view(read_console(console), EDU, slot))
+                  is None, 30, f"its kernel enumerate the edu again at {slot}, once")
 
         # stop: nothing of the guest is left
         service.cli("stop", name, "--force")
