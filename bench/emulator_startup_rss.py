@@ -15,8 +15,8 @@ runs three ways:
 * ``ours-enforce``: as the launcher starts it (confine/launcher.py): the parent compiles the
   seccomp policy and passes the BPF program on ``--seccomp-bpf-fd``; the start-up time includes
   that compilation in the parent;
-* ``ours-standalone``: ``--seccomp enforce`` without the fd (a remote started by hand compiles the
-  policy itself with pyseccomp: the fallback);
+* ``ours-standalone``: ``--seccomp enforce`` without the fd (a remote started by hand: a forked
+  child compiles the policy with pyseccomp and exits, the remote loads the program);
 * ``ours-off``: ``--seccomp off``.
 
 Medians over ``--runs`` spawns, alternating the remotes so machine noise hits all alike; ratios

@@ -13,12 +13,16 @@ Two ways to get the filter:
   flags libseccomp's ``seccomp_load`` would use (src/system.c ``sys_filter_load``: TSYNC, plus LOG
   in errno mode). This keeps pyseccomp and ``ctypes.util`` (which pulls in subprocess, shutil,
   lzma, bz2, tempfile: about 1.5 MiB of resident memory) out of the remote;
-* in-process (a remote started by hand): parse and compile the policy here, through
-  :mod:`~mpqemu_mgmt.confine.seccomp_loader`, imported only on this path.
+* compiled by a forked child (a remote started by hand, without the fd): the child imports
+  :mod:`~mpqemu_mgmt.confine.seccomp_loader` and the policy parser, compiles, hands the program
+  back through a pipe and exits, so this process stays as small as a launched one.
+
+Both end in the same :func:`load_bpf`.
 
 Must not be called before imports are done, and must not start threads or open anything after
 the filter is loaded (the filter forbids it). Must not import pyseccomp, the policy parser or
-the profile at module level: the precompiled path needs none of them.
+the profile in the calling process (only the compiling child does, or a policy lookup by the
+launcher): a remote needs none of them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import re
 import sys
 from typing import TYPE_CHECKING
 
-from mpqemu_mgmt.errors import ConfinementError, MpqemuError
+from mpqemu_mgmt.errors import ConfinementError, PolicyError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -160,44 +164,75 @@ def load_bpf(program: bytes, mode: str) -> None:
         raise ConfinementError(f"seccomp filter could not be loaded: {what}", errno=err)
 
 
+def compile_in_child(model: str, mode: str) -> bytes:
+    """The model's policy compiled to raw BPF by a forked child, which then exits.
+
+    For a remote started by hand (no ``--seccomp-bpf-fd``): the child pays for pyseccomp,
+    ``ctypes.util`` and the policy parser, this process never imports them, so it stays as small
+    as one the launcher started. Before confinement only (fork is off the allowlist). Errors
+    come back as the same classes (PolicyError for a broken policy, else ConfinementError).
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; its result is checked by the parent's tests
+        try:
+            os.close(r)
+            try:
+                from mpqemu_mgmt.confine import seccomp_loader
+                from mpqemu_mgmt.confine.profile import SeccompMode
+
+                fd = seccomp_loader.bpf_memfd(load_policy(model), SeccompMode(mode))
+                out = b"P" + read_bpf(fd)
+            except OSError as exc:
+                out = b"EConfinementError\0" + f"cannot read the seccomp policy for {model!r}: {exc}".encode()
+            except Exception as exc:  # reported, never raised in a forked copy of the remote
+                out = b"E" + type(exc).__name__.encode() + b"\0" + str(exc).encode()
+            view = memoryview(out)
+            while view:
+                view = view[os.write(w, view) :]
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    try:
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    out = b"".join(chunks)
+    if out[:1] == b"P" and len(out) > 1:
+        return out[1:]
+    kind, _, message = out[1:].partition(b"\0")
+    text = message.decode(errors="replace") or "the compiling child died"
+    if kind == b"PolicyError":
+        raise PolicyError(text)
+    raise ConfinementError(f"seccomp filter for {model!r} not compiled: {text}")
+
+
 def lock_down(model: str, mode: str, bpf: bytes | None = None) -> None:
     """PR_SET_NO_NEW_PRIVS, PR_SET_DUMPABLE 0, then the model's seccomp filter in ``mode``.
 
     ``bpf``: the program precompiled by the parent (:func:`read_bpf`); without it, the policy is
-    compiled here. Raises ConfinementError (or PolicyError for a broken policy file) before
-    anything irreversible when the policy cannot be read or compiled.
+    compiled by a forked child (:func:`compile_in_child`). Either way the raw program is loaded
+    with :func:`load_bpf`. Raises ConfinementError (or PolicyError for a broken policy file)
+    before anything irreversible when the policy cannot be read or compiled.
     """
     if mode not in MODES:
         from mpqemu_mgmt.confine.profile import SeccompMode
 
         SeccompMode.parse(mode)  # raises the UsageError that names the choices
-    flt = None
     if mode != "off" and bpf is None:
-        from mpqemu_mgmt.confine import seccomp_loader
-        from mpqemu_mgmt.confine.profile import SeccompMode
-
-        try:
-            flt = seccomp_loader.build_filter(load_policy(model), SeccompMode(mode))
-        except MpqemuError:
-            raise
-        except OSError as exc:
-            raise ConfinementError(f"cannot read the seccomp policy for {model!r}: {exc}") from exc
+        bpf = compile_in_child(model, mode)
     elif mode == "off" and bpf is not None:
         raise ConfinementError("a precompiled seccomp filter was given with --seccomp off")
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     # not dumpable: no core file of guest RAM and no ptrace by another process of the same uid
     _prctl(PR_SET_DUMPABLE, 0)
-    if mode == "off":
+    if bpf is None:
         sys.stderr.write(
             "mpqemu-mgmt: WARNING: seccomp is OFF for this remote device process; "
             "a compromised device can make any system call (development only)\n")
         sys.stderr.flush()
         return
-    if bpf is not None:
-        load_bpf(bpf, mode)
-        return
-    assert flt is not None
-    try:
-        flt.load()
-    except OSError as exc:
-        raise ConfinementError(f"seccomp filter could not be loaded: {exc}") from exc
+    load_bpf(bpf, mode)

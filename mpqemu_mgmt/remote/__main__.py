@@ -12,8 +12,8 @@ development option ``--qmp PATH``); import and build everything the loop will us
 
 The allowlist comes precompiled from the launcher on ``--seccomp-bpf-fd`` (a sealed memfd with the
 raw BPF program, read and closed at start), so this process never imports libseccomp's bindings;
-without that option (a remote started by hand) the policy is compiled here, at the cost of
-about 2 MiB of resident memory (confine/lockdown.py).
+without that option (a remote started by hand) a forked child compiles the policy and exits,
+with the same effect on this process's memory (confine/lockdown.py).
 
 Exit status: 0 when the peer closes the socket (or QMP ``quit``), 1 on a protocol error, 2 for bad
 arguments, 4 when confinement cannot be applied, 130 on SIGINT.

@@ -6,7 +6,9 @@
 * the remote emulator given ``--seccomp-bpf-fd`` is filtered (``Seccomp: 2``, ``NoNewPrivs: 1``),
   closed the fd, never mapped libseccomp (no pyseccomp/ctypes.util in the process), serves a
   config read and exits 0 when the proxy closes;
-* a broken program is refused before serving (exit 4), and the launcher hands the fd over.
+* a broken program is refused before serving (exit 4);
+* without a program, lock_down has a forked child compile the policy (the same bytes as the
+  parent would compile) and loads that; a child's failure comes back as the error it was.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _program(mode: SeccompMode, model: str = "pci-testdev") -> bytes:
     return lockdown.read_bpf(seccomp_loader.bpf_memfd(lockdown.load_policy(model), mode))
 
 
-def _in_child(program: bytes, mode: str) -> tuple[int, bytes]:
+def _in_child(program: bytes | None, mode: str) -> tuple[int, bytes]:
     """Fork; the child loads ``program`` and tries an on-list write and an off-list pipe2."""
     r, w = os.pipe()
     pid = os.fork()
@@ -71,6 +73,22 @@ def test_bpf_memfd_is_sealed_and_holds_whole_instructions() -> None:
     assert len(program) % 8 == 0 and len(program) > 8
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_compiled_in_a_child_is_the_same_program() -> None:
+    for mode in (SeccompMode.ENFORCE, SeccompMode.ERRNO):
+        assert lockdown.compile_in_child("edu", mode.value) == _program(mode, "edu")
+
+
+def test_compiling_in_a_child_reports_errors_as_errors() -> None:
+    with pytest.raises(ConfinementError, match="no seccomp policy"):
+        lockdown.compile_in_child("no-such-model", "enforce")
+
+
+def test_lock_down_without_a_program_compiles_in_a_child_and_enforces() -> None:
+    status, out = _in_child(None, "errno")
+    assert out == b"loaded;pipe-eperm"
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def test_errno_mode_denies_off_list_calls_with_eperm() -> None:
