@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, log: _Log) -> int:
     if args.transport == "vfio-user":
-        # read and closed now, never left open; vfio_user_serve still compiles its filter itself
-        # (its lock_down call can take this program as bpf=args.seccomp_bpf)
+        # read and closed now, never left open; vfio_user_serve loads it after its own init
         args.seccomp_bpf = _read_bpf(args.seccomp_bpf_fd)
         return _run_vfio_user(args, log)
 

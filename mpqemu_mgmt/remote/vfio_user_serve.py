@@ -636,7 +636,8 @@ def main_from_args(args: Any, log_: Any) -> int:
     if args.seccomp != "off":
         from mpqemu_mgmt.confine.lockdown import lock_down
 
-        lock_down(model=args.device, mode=args.seccomp)
+        # the launcher's precompiled program (--seccomp-bpf-fd, read by __main__) when there is one
+        lock_down(model=args.device, mode=args.seccomp, bpf=getattr(args, "seccomp_bpf", None))
     try:
         return session.run()
     except ProtocolError as exc:

@@ -181,3 +181,36 @@ def test_remote_refuses_a_broken_program_before_serving(tmp_path: Path) -> None:
         proxy.close()
     assert res.returncode == 4
     assert b"does not hold a BPF program" in res.stderr
+
+
+def test_vfio_user_remote_takes_the_precompiled_filter_and_closes_its_fd() -> None:
+    """The launcher passes --seccomp-bpf-fd for both transports; the vfio-user loop loads it too."""
+    from mpqemu_mgmt.testing.vfio_user_client import VfioUserClient
+
+    ours, theirs = socket.socketpair()
+    bpf = seccomp_loader.bpf_memfd(lockdown.load_policy("edu"), SeccompMode.ENFORCE)
+    argv = [sys.executable, "-m", "mpqemu_mgmt.remote", "--device", "edu", "--transport", "vfio-user",
+            "--fd", str(theirs.fileno()), "--seccomp", "enforce", "--seccomp-bpf-fd", str(bpf)]
+    proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), bpf), stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    theirs.close()
+    os.close(bpf)
+    try:
+        ours.settimeout(20)
+        client = VfioUserClient(ours)
+        client.handshake()
+        assert client.config_read(0, 4) == 0x11E81234  # answered: past lock_down
+        lines = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        status = {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1"
+        assert "libseccomp" not in Path(f"/proc/{proc.pid}/maps").read_text()
+        assert len(os.listdir(f"/proc/{proc.pid}/fd")) == 4  # stdio + the vfio-user socket
+        client.close()
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+        ours.close()
