@@ -231,8 +231,9 @@ async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> Non
         t_healthy = await event("healthy", "edu0", 10)
         status = await call("status", name="demo")
         fresh = next(d for d in status["devices"] if d["id"] == "edu0")
-        await wait_reenumerated(console, edu_before, 30)
-        out(f"     guest re-enumerated {edu_before.name} (one new kernel enumeration line for the slot)")
+        edu_now = await wait_reenumerated(console, edu_before, 30)
+        out(f"     guest re-enumerated {edu_before.name}: its kernel's enumeration lines for that slot "
+            f"went {edu_before.enumerations} → {edu_now.enumerations}")
         step("edu0 replugged and healthy", t_kill,
              f"guest re-enumerated {edu_before.name}; new pid {fresh['pid']}")
         summary.figures["dead remote detected (SIGKILL → event)"] = f"{detect_ms:.1f} ms"
@@ -257,8 +258,9 @@ async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> Non
         await event("healthy", "lsi0", 10)
         status = await call("status", name="demo")
         fresh = next(d for d in status["devices"] if d["id"] == "lsi0")
-        await wait_reenumerated(console, lsi_before, 30)
-        out(f"     guest re-enumerated {lsi_before.name} (one new kernel enumeration line for the slot)")
+        lsi_now = await wait_reenumerated(console, lsi_before, 30)
+        out(f"     guest re-enumerated {lsi_before.name}: its kernel's enumeration lines for that slot "
+            f"went {lsi_before.enumerations} → {lsi_now.enumerations}")
         # and the edu's replug stays a single enumeration
         why = reenumerated(edu_before, slot_view(read_console(console), EDU, edu_before.bdf))
         if why is not None:
