@@ -36,6 +36,7 @@ from mpqemu_mgmt.guestkit.watch_guest import (
     slot_of,
     slot_view,
     watch_images,
+    watch_spec_toml,
 )
 
 NAMES = {
@@ -101,31 +102,9 @@ def guest_images(into: Path) -> tuple[Path, Path]:
 
 
 def spec_text(kernel: Path, initrd: Path) -> str:
-    """The demo guest's spec. No ``quiet`` on the kernel command line: the kernel's PCI
-    enumeration lines (KERN_INFO) must reach the console, they are the proof of a replug."""
-    return f"""name = "demo"
-memory = "256M"
-machine = "pc"
-accel = "tcg"
-driver = "direct"
-
-[boot]
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "console=ttyS0 panic=-1"
-
-[[device]]
-id = "edu0"
-model = "edu"
-backend = "builtin"
-on_failure = "replug"
-
-[[device]]
-id = "lsi0"
-model = "lsi53c895a"
-backend = "qemu"
-on_failure = "replug"
-"""
+    """The demo guest's spec: our edu and QEMU's lsi53c895a, both replugged on failure."""
+    devices = [("edu0", "edu", "builtin"), ("lsi0", "lsi53c895a", "qemu")]
+    return watch_spec_toml("demo", kernel, initrd, devices)
 
 
 def _bus_lines(bus: dict[str, str], highlight: set[str]) -> list[str]:

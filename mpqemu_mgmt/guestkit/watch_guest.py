@@ -154,3 +154,27 @@ def place_images(into: Path, images: tuple[Path, Path]) -> tuple[Path, Path]:
     for p in (k, i):
         p.chmod(0o644)
     return k, i
+
+
+def watch_spec_toml(
+    name: str,
+    kernel: Path,
+    initrd: Path,
+    devices: list[tuple[str, str, str]],
+    *,
+    driver: str = "direct",
+    uri: str | None = None,
+    on_failure: str = "replug",
+) -> str:
+    """A guest spec (DESIGN.md Contracts 5) that boots the watching guest with ``devices``
+    (``(id, model, backend)`` each). No ``quiet`` on the kernel command line: the kernel's PCI
+    enumeration lines (KERN_INFO) must reach the console, they are the proof of a replug."""
+    head = [f'name = "{name}"', 'memory = "256M"', 'machine = "pc"', 'accel = "tcg"', f'driver = "{driver}"']
+    if uri is not None:
+        head.append(f'uri = "{uri}"')
+    lines = [*head, "", "[boot]", f'kernel = "{kernel}"', f'initrd = "{initrd}"',
+             'cmdline = "console=ttyS0 panic=-1"']
+    for dev_id, model, backend in devices:
+        lines += ["", "[[device]]", f'id = "{dev_id}"', f'model = "{model}"', f'backend = "{backend}"',
+                  f'on_failure = "{on_failure}"']
+    return "\n".join(lines) + "\n"

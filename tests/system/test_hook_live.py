@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from mpqemu_mgmt.guestkit.watch_guest import EDU, place_images, read_pci_sets, watch_images
+from mpqemu_mgmt.guestkit.watch_guest import EDU, place_images, read_pci_sets, watch_images, watch_spec_toml
 from mpqemu_mgmt.hook import DEFAULT_HOOKS_DIR, HOOK_NAME
 from mpqemu_mgmt.service.procfs import proc_start_time
 from tests.integration.service_fixture import Service, service
@@ -246,21 +246,8 @@ def test_hook_inside_libvirtd(service: Service, live_hook: LiveHook) -> None:
         pytest.skip(f"no test guest: {exc}")
     name = f"mq-hook-{secrets.token_hex(3)}"
     spec = service.root / f"{name}.toml"
-    spec.write_text(f"""name = "{name}"
-memory = "256M"
-accel = "tcg"
-driver = "libvirt"
-uri = "{URI}"
-[boot]
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "console=ttyS0 panic=-1"
-[[device]]
-id = "edu0"
-model = "edu"
-backend = "builtin"
-on_failure = "replug"
-""")
+    spec.write_text(watch_spec_toml(name, kernel, initrd, [("edu0", "edu", "builtin")],
+                                    driver="libvirt", uri=URI))
     console = service.state / "guests" / name / "console.log"
     try:
         service.cli("define", str(spec))

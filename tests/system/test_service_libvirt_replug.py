@@ -30,6 +30,7 @@ from mpqemu_mgmt.guestkit.watch_guest import (
     slot_of,
     slot_view,
     watch_images,
+    watch_spec_toml,
 )
 from mpqemu_mgmt.service.procfs import proc_start_time
 from tests.integration.service_fixture import Service, service
@@ -79,24 +80,8 @@ def test_replug_under_libvirt_with_a_real_guest(service: Service) -> None:
         pytest.skip(f"no test guest: {exc}")
     name = f"mq-rpl-{secrets.token_hex(3)}"
     spec = service.root / f"{name}.toml"
-    spec.write_text(f"""name = "{name}"
-memory = "256M"
-machine = "pc"
-accel = "tcg"
-driver = "libvirt"
-uri = "{URI}"
-
-[boot]
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "console=ttyS0 panic=-1"
-
-[[device]]
-id = "edu0"
-model = "edu"
-backend = "builtin"
-on_failure = "replug"
-""")
+    spec.write_text(watch_spec_toml(name, kernel, initrd, [("edu0", "edu", "builtin")],
+                                    driver="libvirt", uri=URI))
     console = service.state / "guests" / name / "console.log"
     try:
         service.cli("define", str(spec))
