@@ -25,8 +25,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mpqemu_mgmt.devices.base import PciDeviceModel
+from mpqemu_mgmt.devices.function import PciFunction
 from mpqemu_mgmt.errors import MpqemuError
 from mpqemu_mgmt.pci.barmap import BarMap
+from mpqemu_mgmt.protocol import wire
 from mpqemu_mgmt.protocol.messages import (
     BarRead,
     BarWrite,
@@ -39,12 +41,19 @@ from mpqemu_mgmt.protocol.messages import (
     SyncSysmem,
     close_message,
 )
-from mpqemu_mgmt.protocol.wire import UINT64_MAX
+from mpqemu_mgmt.protocol.wire import UINT64_MAX, Cmd
 from mpqemu_mgmt.remote.irq import EventfdIrq
 from mpqemu_mgmt.remote.memory import MappedGuestMemory
 
-_OK = Ret(0)
-_FAIL = Ret(UINT64_MAX)
+_PCI_CONF_UNPACK = wire.PCI_CONF.unpack_from
+_BAR_ACCESS_UNPACK = wire.BAR_ACCESS.unpack_from
+# the sizes process_bar_read/write accept: is_power_of_2(size) && size <= sizeof(uint64_t)
+_GOOD_SIZES = frozenset((1, 2, 4, 8))
+# the message type each fast handler counts as, in the order of _fast_counts
+_FAST_KINDS = (PciConfigRead, PciConfigWrite, BarRead, BarWrite)
+
+FastHandler = Callable[[bytearray], int]
+"""A fast-path handler: the raw payload of one request in, the u64 RET value out."""
 _RESET_DONE = Ret(0, 0)  # the stock remote answers DEVICE_RESET with a size-0 RET
 
 
@@ -66,8 +75,16 @@ class MpqemuDispatcher:
         self.counts: dict[type, int] = {}
         self.errors = 0
         self._rets: dict[int, Ret] = {}
+        self._fast_counts = [0, 0, 0, 0]  # fast-handler requests, by _FAST_KINDS
+        self._resolve = self.barmap.resolve
+        # straight to the config-space bytes when the model keeps the default config_read
+        # (PciFunction.config_read is config.read); a model that overrides it is called as is
+        self._cfg_read: Callable[[int, int], int] = (
+            model.config.read if type(model).config_read is PciFunction.config_read else model.config_read
+        )
 
-    def _error(self, what: str, exc: BaseException | None = None) -> Ret:
+    def _error(self, what: str, exc: BaseException | None = None) -> int:
+        """Count and log a failed access; the value to answer (UINT64_MAX, the stock failure RET)."""
         self.errors += 1
         if exc is None:
             self._log(what)
@@ -77,7 +94,7 @@ class MpqemuDispatcher:
             import traceback  # only for a model bug: kept out of the resident set otherwise
 
             self._log(f"{what}: device model bug: {''.join(traceback.format_exception(exc)).rstrip()}")
-        return _FAIL
+        return UINT64_MAX
 
     def handle(self, msg: Message) -> Ret | None:
         """Apply ``msg``; return the RET to send, or None for messages that get no reply."""
@@ -86,22 +103,13 @@ class MpqemuDispatcher:
         counts[kind] = counts.get(kind, 0) + 1
         # BAR and config accesses are the hot path (one per guest access): test them first
         if isinstance(msg, BarRead):
-            return self._bar_read(msg)
+            return self._ret(self._bar_read(msg.addr, msg.size, msg.memory))
         if isinstance(msg, BarWrite):
-            return self._bar_write(msg)
+            return self._ret(self._bar_write(msg.addr, msg.value, msg.size, msg.memory))
         if isinstance(msg, PciConfigRead):
-            try:
-                return self._ret(self.model.config_read(msg.addr, msg.length) & 0xFFFFFFFF)
-            except Exception as exc:
-                return self._error(f"bad PCI config read {msg.addr:#x}/{msg.length}", exc)
+            return self._ret(self._config_read(msg.addr, msg.length))
         if isinstance(msg, PciConfigWrite):
-            try:
-                effects = self.model.config_write(msg.addr, msg.length, msg.value)
-            except Exception as exc:
-                return self._error(f"bad PCI config write {msg.addr:#x}/{msg.length}", exc)
-            for ch in getattr(effects, "bar_changes", ()):
-                self._debug(f"BAR{ch.index}: {ch.old} -> {ch.new}")
-            return _OK
+            return self._ret(self._config_write(msg.addr, msg.value, msg.length))
         if isinstance(msg, SyncSysmem):
             try:
                 self.memory.sync(msg.regions)
@@ -121,6 +129,46 @@ class MpqemuDispatcher:
         close_message(msg)
         return None
 
+    def fast_handlers(self) -> dict[int, FastHandler]:
+        """One specialised handler per hot command, for the transport's fast path.
+
+        Each takes the raw payload buffer of a request the transport read by its fast path
+        (the exact payload size of that command, no fds) and returns the u64 RET value: the same
+        value, the same model calls and the same counts as ``handle(decode(frame))``, minus the
+        message object (tests/unit/test_remote_dispatch_fast.py checks both on the same frames).
+        Commands without one here (DEVICE_RESET) go through :meth:`handle`.
+        """
+        counts = self._fast_counts
+        config_read, config_write = self._config_read, self._config_write
+        bar_read, bar_write = self._bar_read, self._bar_write
+
+        def cfg_read(payload: bytearray) -> int:
+            counts[0] += 1
+            addr, _value, length = _PCI_CONF_UNPACK(payload)
+            return config_read(addr, length)
+
+        def cfg_write(payload: bytearray) -> int:
+            counts[1] += 1
+            addr, value, length = _PCI_CONF_UNPACK(payload)
+            return config_write(addr, value, length)
+
+        def b_read(payload: bytearray) -> int:
+            counts[2] += 1
+            addr, _value, size, memory = _BAR_ACCESS_UNPACK(payload)
+            return bar_read(addr, size, memory != 0)
+
+        def b_write(payload: bytearray) -> int:
+            counts[3] += 1
+            addr, value, size, memory = _BAR_ACCESS_UNPACK(payload)
+            return bar_write(addr, value, size, memory != 0)
+
+        return {
+            int(Cmd.PCI_CFGREAD): cfg_read,
+            int(Cmd.PCI_CFGWRITE): cfg_write,
+            int(Cmd.BAR_READ): b_read,
+            int(Cmd.BAR_WRITE): b_write,
+        }
+
     def _ret(self, value: int) -> Ret:
         """Ret(value), one frozen instance per value read (a guest polls the same registers)."""
         rets = self._rets
@@ -133,38 +181,53 @@ class MpqemuDispatcher:
 
     def message_counts(self) -> dict[str, int]:
         """Messages handled so far, by message type name (for x-device-status)."""
-        return {k.__name__: v for k, v in self.counts.items()}
+        counts = dict(self.counts)
+        for kind, n in zip(_FAST_KINDS, self._fast_counts, strict=True):
+            if n:
+                counts[kind] = counts.get(kind, 0) + n
+        return {k.__name__: v for k, v in counts.items()}
 
-    @staticmethod
-    def _bad_size(size: int) -> bool:
-        # process_bar_read/write: !is_power_of_2(size) || size > sizeof(uint64_t)
-        return size <= 0 or size > 8 or size & (size - 1) != 0
+    # -- the accesses, shared by handle() and the fast handlers: each returns the RET value --------
 
-    def _bar_read(self, msg: BarRead) -> Ret:
-        size = msg.size
-        if self._bad_size(size):
-            return _FAIL
-        hit = self.barmap.resolve(msg.addr, size, msg.memory)
-        if hit is None:
-            if msg.memory or not BarMap.port_exists(msg.addr, size):
-                return self._error(f"bad address {msg.addr:#x} for {'mem' if msg.memory else 'io'} read")
-            return Ret((1 << (8 * size)) - 1)
+    def _config_read(self, addr: int, length: int) -> int:
         try:
-            return self._ret(self.model.bar_read(hit[0], hit[1], size) & ((1 << (8 * size)) - 1))
+            return self._cfg_read(addr, length) & 0xFFFFFFFF
+        except Exception as exc:
+            return self._error(f"bad PCI config read {addr:#x}/{length}", exc)
+
+    def _config_write(self, addr: int, value: int, length: int) -> int:
+        try:
+            effects = self.model.config_write(addr, length, value)
+        except Exception as exc:
+            return self._error(f"bad PCI config write {addr:#x}/{length}", exc)
+        for ch in getattr(effects, "bar_changes", ()):
+            self._debug(f"BAR{ch.index}: {ch.old} -> {ch.new}")
+        return 0
+
+    def _bar_read(self, addr: int, size: int, memory: bool) -> int:
+        # process_bar_read: !is_power_of_2(size) || size > sizeof(uint64_t) fails
+        if size not in _GOOD_SIZES:
+            return UINT64_MAX
+        hit = self._resolve(addr, size, memory)
+        if hit is None:
+            if memory or not BarMap.port_exists(addr, size):
+                return self._error(f"bad address {addr:#x} for {'mem' if memory else 'io'} read")
+            return (1 << (8 * size)) - 1
+        try:
+            return self.model.bar_read(hit[0], hit[1], size) & ((1 << (8 * size)) - 1)
         except Exception as exc:
             return self._error(f"BAR{hit[0]} read at {hit[1]:#x}/{size} failed", exc)
 
-    def _bar_write(self, msg: BarWrite) -> Ret:
-        size = msg.size
-        if self._bad_size(size):
-            return _FAIL
-        hit = self.barmap.resolve(msg.addr, size, msg.memory)
+    def _bar_write(self, addr: int, value: int, size: int, memory: bool) -> int:
+        if size not in _GOOD_SIZES:
+            return UINT64_MAX
+        hit = self._resolve(addr, size, memory)
         if hit is None:
-            if msg.memory or not BarMap.port_exists(msg.addr, size):
-                return self._error(f"bad address {msg.addr:#x} for {'mem' if msg.memory else 'io'} write")
-            return _OK
+            if memory or not BarMap.port_exists(addr, size):
+                return self._error(f"bad address {addr:#x} for {'mem' if memory else 'io'} write")
+            return 0
         try:
-            self.model.bar_write(hit[0], hit[1], size, msg.value & ((1 << (8 * size)) - 1))
+            self.model.bar_write(hit[0], hit[1], size, value & ((1 << (8 * size)) - 1))
         except Exception as exc:
             return self._error(f"BAR{hit[0]} write at {hit[1]:#x}/{size} failed", exc)
-        return _OK
+        return 0

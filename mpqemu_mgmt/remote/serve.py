@@ -40,7 +40,7 @@ from typing import Any
 
 from mpqemu_mgmt.devices.base import PciDeviceModel
 from mpqemu_mgmt.errors import ProtocolError
-from mpqemu_mgmt.protocol.messages import SetIrqfd
+from mpqemu_mgmt.protocol.messages import Message, SetIrqfd
 from mpqemu_mgmt.remote.dispatch import MpqemuDispatcher
 from mpqemu_mgmt.remote.irq import EventfdIrq
 from mpqemu_mgmt.remote.memory import MappedGuestMemory
@@ -147,9 +147,15 @@ class Remote:
         key: tuple[int | None, int | None] = (None, None)
         timers = self.timers
         irq = self.irq
-        read = self.transport.read_message
-        send = self.transport.send_message
+        transport = self.transport
+        read = transport.read_message
+        read_request = transport.read_request
+        send = transport.send_message
+        send_value = transport.send_ret_value
+        payload = transport.payload
         dispatch = self.dispatcher.handle
+        # one specialised handler per hot command: payload buffer in, RET value out
+        fast = self.dispatcher.fast_handlers()
         clock = time.monotonic
         hot_gap = self.hot_gap
         hot_reads = 0
@@ -187,7 +193,7 @@ class Remote:
                                 if self._on_other(events, sock_fd, key):
                                     return 0
                     try:
-                        msg = read()
+                        cmd = read_request()
                     except BlockingIOError:
                         hot = False  # the proxy is idle: wait in poll with every fd
                         self.hot_reads = hot_reads
@@ -212,14 +218,25 @@ class Remote:
                     if not ready:
                         continue
                     try:
-                        msg = read()
+                        cmd = read_request()
                     except BlockingIOError:
                         continue  # readable but nothing to read (spurious wake-up)
                     looked = clock()
-                if msg is None:
-                    return 0
                 # hot while the proxy sends its next request soon after each reply (a busy
                 # guest); a slower proxy is better served from poll (see the module docstring)
+                if cmd >= 0:
+                    handler = fast.get(cmd)
+                    if handler is not None:
+                        hot = clock() - replied < hot_gap
+                        send_value(handler(payload))
+                        replied = clock()
+                        continue
+                    msg: Message | None = transport.fast_message(cmd)
+                else:
+                    # not a fast request: what was read went to the endpoint, the codec decides
+                    msg = read()
+                if msg is None:
+                    return 0
                 hot = clock() - replied < hot_gap
                 if type(msg) is SetIrqfd:
                     rekey = True

@@ -28,6 +28,12 @@ yields exactly what ``decode`` would (tests/integration/test_transport_fastpath.
 the same frames). While a fast-path request awaits its RET the transport enforces the endpoint's rules
 itself: no next message before the RET, and nothing but a RET may be sent.
 
+The serve loop uses the lowest level of it: :meth:`Transport.read_request` reads one message and
+returns only its command, leaving the payload in :attr:`Transport.payload` for the dispatcher's
+specialised handler (no message object), and :meth:`Transport.send_ret_value` sends the cached RET
+frame for the value. Everything else (fds, odd sizes, other commands, EOF) goes to the endpoint as
+above, and ``read_message`` returns what the codec makes of it.
+
 It must not interpret messages beyond that: the endpoint and the codec stay the authority.
 """
 
@@ -146,6 +152,7 @@ class Transport:
         self._header = bytearray(wire.HEADER_SIZE)
         self._header_bufs = [self._header]
         self._payload = bytearray(wire.MAX_PAYLOAD)
+        self.payload = self._payload  # read_request leaves a fast request's payload here
         self._payload_view = memoryview(self._payload)
         # one view per fast payload size, so the common single read creates no object
         self._payload_views = {n: self._payload_view[:n] for n in set(_FAST_SIZES.values())}
@@ -228,16 +235,53 @@ class Transport:
         return self._events.pop(0)
 
     def _read_fast(self) -> Message | None:
-        """One message by the fast path, or None after feeding what was read to the endpoint.
+        """One message by the fast path, or None after feeding what was read to the endpoint."""
+        cmd = self._read_fast_raw()
+        return None if cmd < 0 else self.fast_message(cmd)
 
-        Reads exactly as :meth:`read_event` would (a 16-byte ``recvmsg`` with room for 16 fds,
-        then the payload with plain ``recv``), into the preallocated buffers.
+    def fast_message(self, cmd: int) -> Message:
+        """The decoded message of the fast-path request whose payload :meth:`read_request` left.
+
+        A guest polls the same few registers: each distinct payload is decoded once (messages
+        are frozen, so one instance can be handed out many times).
         """
+        size = _FAST_SIZES[cmd]
+        if not size:
+            return _DEVICE_RESET
+        key = bytes(self._payload_views[size])
+        cache = self._decoded[cmd]
+        msg = cache.get(key)
+        if msg is None:
+            msg = _decode_fast(cmd, self._payload)
+            if len(cache) >= _DECODED_MAX:
+                cache.clear()
+            cache[key] = msg
+        return msg
+
+    def read_request(self, recv_flags: int = 0) -> int:
+        """Remote role, the serve loop's hot path: read one message, decode nothing.
+
+        Returns the command of a fast-path request (exactly 16 header bytes in one read, no fds,
+        no MSG_CTRUNC, a fast command with its exact payload size; the payload is then in
+        :attr:`payload` and its RET is due), or -1 when the message is anything else or the
+        transport is not at a clean boundary: then the bytes read (if any) went to the endpoint
+        and :meth:`read_message` returns what the codec makes of them.
+        """
+        if self._fast and not self._fast_due and (self._clean or self._recheck_clean()):
+            return self._read_fast_raw(recv_flags)
+        return -1
+
+    def _read_fast_raw(self, recv_flags: int = 0) -> int:
+        """Read as :meth:`read_event` would (a 16-byte ``recvmsg`` with room for 16 fds, then the
+        payload with plain ``recv``) into the preallocated buffers; the fast command, or -1 after
+        feeding what was read to the endpoint."""
         sock = self.sock
         header = self._header
         while True:
             try:
-                n, ancdata, flags, _ = sock.recvmsg_into(self._header_bufs, CMSG_SPACE, _MSG_CMSG_CLOEXEC)
+                n, ancdata, flags, _ = sock.recvmsg_into(
+                    self._header_bufs, CMSG_SPACE, _MSG_CMSG_CLOEXEC | recv_flags
+                )
                 break
             except InterruptedError:
                 continue
@@ -245,6 +289,8 @@ class Transport:
                 n, ancdata, flags = 0, [], 0
                 break
         if n == wire.HEADER_SIZE and not ancdata and not flags & _MSG_CTRUNC:
+            fast: int  # (a local annotation costs nothing at run time)
+            size: int
             fast, size = _HEADER_UNPACK(header)
             if _FAST_SIZES.get(fast) == size:
                 got = 0
@@ -264,28 +310,16 @@ class Transport:
                     got += k
                 if got == size:
                     self._fast_due = True
-                    if not size:
-                        return _DEVICE_RESET
-                    # a guest polls the same few registers: decode each distinct payload once
-                    # (messages are frozen, so one instance can be handed out many times)
-                    key = bytes(self._payload_views[size])
-                    cache = self._decoded[fast]
-                    msg = cache.get(key)
-                    if msg is None:
-                        msg = _decode_fast(fast, self._payload)
-                        if len(cache) >= _DECODED_MAX:
-                            cache.clear()
-                        cache[key] = msg
-                    return msg
+                    return fast
                 # the peer closed inside the payload: the endpoint judges it (TruncatedMessage)
                 self._feed(bytes(header), FdBundle(), False)
                 if got:
                     self._feed(bytes(self._payload[:got]), FdBundle(), False)
                 self._feed(b"", FdBundle(), False)
-                return None
+                return -1
         fds = FdBundle.adopt(_fds_from_ancillary(ancdata), os.close) if ancdata else FdBundle()
         self._feed(bytes(header[:n]), fds, bool(flags & _MSG_CTRUNC))
-        return None
+        return -1
 
     def _recheck_clean(self) -> bool:
         self._clean = (
@@ -389,6 +423,27 @@ class Transport:
                 frames[value] = data
             else:
                 data, _ = encode(msg)  # validates like the endpoint (ProtocolError when it cannot)
+        sock = self.sock
+        while True:
+            try:
+                sent = sock.send(data)
+                break
+            except InterruptedError:
+                continue
+        if sent < len(data):
+            self.send_raw(data[sent:])
+
+    def send_ret_value(self, value: int) -> None:
+        """The RET (8-byte payload) for the fast-path request :meth:`read_request` returned.
+
+        Exactly what ``send_message(Ret(value))`` sends: the cached frame for a value seen before,
+        else the codec's rules (a value outside u64 is refused by ``encode``).
+        """
+        data = self._ret_frames.get(value)
+        if data is None or not self._fast_due:
+            self.send_message(Ret(value))  # the same checks, and the frame is cached for next time
+            return
+        self._fast_due = False
         sock = self.sock
         while True:
             try:
