@@ -458,8 +458,8 @@ def test_merged_request_failure_fails_every_member() -> None:
     assert r.dev.requests.counters["ioerr"] == 3
 
 
-def test_kick_serves_a_little_inline_and_defers_the_rest() -> None:
-    """256 KiB inside the BAR write (a QD1 request needs no second wake-up), the rest after it."""
+def test_kick_defers_a_batch_and_serves_a_lone_request_inline() -> None:
+    """A batch is served after the BAR write, all of it in one run; a QD1 request inside the write."""
     timers = ManualTimers()
     r = Rig(timers=timers)
     reqs = [Request(BLK_T_IN, 256 * i, read_len=128 << 10) for i in range(5)]
@@ -467,13 +467,17 @@ def test_kick_serves_a_little_inline_and_defers_the_rest() -> None:
         r.drv.submit(req)
     r.irq.take()
     r.drv.kick(force=True)
-    assert r.drv.used_idx() == 2 and len(timers.due) == 1
+    assert r.drv.used_idx() == 0 and len(timers.due) == 1  # answered first, as QEMU's ioeventfd
     assert not r.irq.take()  # no interrupt yet: the continuation will send one for all five
     r.drv.kick(force=True)  # a second kick while the continuation is pending coalesces
     assert len(timers.due) == 1
     assert timers.run() == 1
     assert r.drv.used_idx() == 5 and not timers.due
     assert r.irq.take() and r.irq.edges == 1
+    # a lone request is served inside its kick (no second wake-up for QD1)
+    r.drv.submit(Request(BLK_T_IN, 0, read_len=128 << 10))
+    r.drv.kick(force=True)
+    assert r.drv.used_idx() == 6 and not timers.due
     # one small request is served entirely inside its kick, nothing is deferred
     r.drv.run([Request(BLK_T_FLUSH)])
     assert not timers.due

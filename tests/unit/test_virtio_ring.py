@@ -352,3 +352,33 @@ def test_garbage_rings_never_crash(
             ring.should_notify()
         except VirtqueueError:
             assert g.q.broken
+
+
+@pytest.mark.parametrize("start", [0, 13, 0xFFFE])
+def test_push_many_is_push_one_by_one_with_one_used_idx_store(start: int) -> None:
+    """push_many (virtqueue_fill x n + virtqueue_flush(n)) leaves RAM and queue as n pushes do,
+    across the ring's wrap and the 16-bit index wrap, with or without the signalled index."""
+    guests = [Guest(event_idx=True), Guest(event_idx=True)]
+    for g in guests:
+        g.q.last_avail_idx = g.q.used_idx = g.idx = start
+        g.q.signalled_used, g.q.signalled_used_valid = (start + 2) & 0xFFFF, True
+        struct.pack_into("<H", g.buf, g.used + 2, start)
+        for i in range(5):
+            g.desc(i, 0x20000 + 0x100 * i, 0x100, DESC_F_WRITE)
+            g.publish(i)
+    states = []
+    for k, g in enumerate(guests):
+        with g.q.session(g.mem) as ring:
+            chains = [c for c in iter(ring.pop, None)]
+            lens = [0x100 - i for i in range(len(chains))]
+            if k == 0:
+                for c, n in zip(chains[:4], lens[:4], strict=True):
+                    ring.push(c, n)
+            else:
+                ring.push_many(chains, lens[:4])  # only as many as there are lengths
+            states.append(
+                (bytes(g.buf), g.q.used_idx, g.q.inuse, g.q.signalled_used_valid, ring.should_notify())
+            )
+    assert states[0] == states[1]
+    assert guests[1].used_idx() == (start + 4) & 0xFFFF and guests[1].q.inuse == 1
+    assert [guests[1].used_elem((start + i) % NUM) for i in range(4)] == [(i, 0x100 - i) for i in range(4)]

@@ -271,8 +271,9 @@ class LegacyVirtioPci:
     def kick(self, index: int) -> None:
         """A QUEUE_NOTIFY write: serve a little now, the rest once the write is answered.
 
-        Up to :data:`INLINE_BYTES` of requests are served inside the BAR write (a QD1 request
-        then completes without another wake-up); whatever is left goes to the ``defer`` hook,
+        With one request waiting, up to :data:`INLINE_BYTES` of it is served inside the BAR
+        write (a QD1 request then completes without another wake-up); with more, or whatever
+        is left, the work goes to the ``defer`` hook,
         so a large batch does not hold the proxy's vCPU for its whole I/O. Kicks that arrive
         while a continuation is pending coalesce, as eventfd kicks do in QEMU.
         """
@@ -281,13 +282,23 @@ class LegacyVirtioPci:
             return
         if self._kick_pending[index]:
             return
-        if self.notify(index, budget=INLINE_BYTES):
+
+        def run() -> None:
+            self._kick_pending[index] = False
+            self.notify(index)
+
+        # More than one request queued (a batch): answer the write first and serve them all
+        # afterwards in one session, as QEMU's ioeventfd does for every kick; the used ring
+        # and the interrupt are then updated once and neighbouring requests merge into one
+        # preadv/pwritev. A lone request is served inline (no extra wake-up for QD1).
+        mem = self._memory()
+        waiting = (
+            self.queues[index].waiting(mem)
+            if mem is not None and self._config.bus_master and not self.broken
+            else 0
+        )
+        if waiting > 1 or self.notify(index, budget=INLINE_BYTES):
             self._kick_pending[index] = True
-
-            def run() -> None:
-                self._kick_pending[index] = False
-                self.notify(index)
-
             self._defer(run)
 
     def notify(self, index: int, budget: int | None = None) -> bool:
@@ -323,8 +334,7 @@ class LegacyVirtioPci:
                             pop_error = exc
                         if batch:
                             lens, error = self.logic.handle_batch(index, batch)
-                            for done, length in zip(batch, lens, strict=False):
-                                ring.push(done, length)
+                            ring.push_many(batch, lens)  # one used.idx store per batch
                             pushed += len(lens)
                             if error is not None:
                                 raise error

@@ -145,6 +145,10 @@ class _Ring:
             return DESC.unpack_from(self._view, gpa - self._desc)
         return DESC.unpack(self._mem.read(gpa, DESC_SIZE))
 
+    def used_words(self) -> memoryview | None:
+        """used.flags/idx then used.ring[] as 32-bit words, or None without a ring view."""
+        return self._u32
+
     def put_used(self, slot: int, head: int, length: int) -> None:
         if self._u32 is not None:
             # word 0 is used.flags + used.idx; each vring_used_elem is two words after it
@@ -209,6 +213,20 @@ class SplitQueue:
     def layout(self) -> SplitRing:
         """Where this queue's ring fields are in guest memory (as last placed)."""
         return SplitRing(self.desc_addr, self.avail_addr, self.used_addr, self.num)
+
+    def waiting(self, mem: GuestMemory) -> int:
+        """How many heads the driver has made available (a peek: changes nothing).
+
+        One bounds-checked read of ``avail.idx``; 0 when the queue is not usable or the read
+        fails (the pop that follows judges the ring and fails the queue if it must).
+        """
+        if self.broken or not self.ready:
+            return 0
+        try:
+            avail = int(U16.unpack(mem.read(self.avail_addr + 2, 2))[0])
+        except DmaError:
+            return 0
+        return (avail - self.last_avail_idx) & 0xFFFF
 
     def session(self, mem: GuestMemory) -> RingSession:
         return RingSession(self, mem)
@@ -441,6 +459,46 @@ class RingSession:
         self._pushed += 1
         # virtqueue_split_flush: "(int16_t)(new - signalled_used) < (uint16_t)(new - old)"
         # means the last signalled index is no longer behind us; forget it.
+        since = (new - q.signalled_used) & 0xFFFF
+        if since >= 0x8000:
+            since -= 0x10000
+        if since < ((new - old) & 0xFFFF):
+            q.signalled_used_valid = False
+
+    def push_many(self, chains: list[Chain], lens: list[int]) -> None:
+        """Return the first ``len(lens)`` of ``chains``, in order, with those written lengths.
+
+        Mirrors ``virtqueue_fill`` for each, then one ``virtqueue_flush(vq, count)``: every used
+        element is stored first, ``used.idx`` once at the end (so the driver sees the whole
+        batch at once, never a half-written element), and the signalled-index check is made
+        once for the whole count, as virtqueue_split_flush does.
+        """
+        count = len(lens)
+        if not count:
+            return
+        q = self.queue
+        old = q.used_idx
+        num = q.num
+        ring = self._ring
+        u32 = ring.used_words()
+        try:
+            if u32 is not None:
+                # word 0 is used.flags + used.idx; each vring_used_elem is two words after it
+                for k in range(count):
+                    i = 1 + 2 * ((old + k) % num)
+                    u32[i] = chains[k].head
+                    u32[i + 1] = lens[k] & 0xFFFFFFFF
+            else:
+                for k in range(count):
+                    ring.put_used((old + k) % num, chains[k].head, lens[k] & 0xFFFFFFFF)
+            new = (old + count) & 0xFFFF
+            ring.set_used_idx(new)
+        except DmaError as exc:
+            raise q.fail("used ring outside guest RAM") from exc
+        q.used_idx = new
+        q.inuse -= count
+        self._pushed += count
+        # virtqueue_split_flush: "(int16_t)(new - signalled_used) < (uint16_t)(new - old)"
         since = (new - q.signalled_used) & 0xFFFF
         if since >= 0x8000:
             since -= 0x10000
