@@ -248,6 +248,7 @@ class RingSession:
         # fast path for the avail ring entries: 16-bit index of avail.ring[0] in the ring view
         self._v16 = self._ring.v16()
         self._slot0 = (self._ring.layout.avail_slot(0) - queue.desc_addr) >> 1
+        self._desc_src = self._ring.desc_view()
         self._held: list[memoryview] = []
         self._windows: dict[int, memoryview | None] = {}
         #: avail.idx as last read (QEMU's shadow_avail_idx): re-read only when caught up
@@ -326,23 +327,25 @@ class RingSession:
         Mirrors ``virtqueue_split_pop`` (hw/virtio/virtio.c), check for check.
         """
         q = self.queue
-        if q.broken or not q.ready:
+        if q.broken or not q.desc_addr:  # (q.ready, without the property call)
             return None
+        last = q.last_avail_idx
+        num = q.num
         # mirrors virtio_queue_empty_rcu: only look at avail.idx again once caught up with it
-        if self._shadow_avail == q.last_avail_idx and self._num_heads() == 0:
+        if self._shadow_avail == last and self._num_heads() == 0:
             return None
-        if q.inuse >= q.num:
+        if q.inuse >= num:
             raise q.fail("virtqueue size exceeded")
         v16 = self._v16
         if v16 is not None:
-            head = v16[self._slot0 + q.last_avail_idx % q.num]
+            head = v16[self._slot0 + last % num]
         else:
             try:
-                head = self._ring.avail_ring(q.last_avail_idx % q.num)
+                head = self._ring.avail_ring(last % num)
             except DmaError as exc:
                 raise q.fail("avail ring outside guest RAM") from exc
-        q.last_avail_idx = (q.last_avail_idx + 1) & 0xFFFF
-        if head >= q.num:
+        q.last_avail_idx = (last + 1) & 0xFFFF
+        if head >= num:
             raise q.fail(f"guest says index {head} is available")
         # QEMU also moves avail_event on every pop; we leave it behind while the batch runs,
         # which (vring_need_event) spares the driver its kicks, and catch up in
@@ -357,7 +360,7 @@ class RingSession:
         # the common case), check for check the same as virtqueue_split_pop.
         q = self.queue
         ring = self._ring
-        src = ring.desc_view()  # the descriptor table, or None: read through GuestMemory
+        src = self._desc_src  # the descriptor table, or None: read through GuestMemory
         unpack = DESC.unpack_from
         max_entries = q.num
         if src is not None:
