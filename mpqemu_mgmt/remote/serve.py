@@ -8,6 +8,11 @@ stays small and the model needs no locks (hw/remote runs its message loop as one
 Order inside one turn: run due timers; poll (timeout = next deadline); handle at most one mpqemu
 message (the proxy waits for each RET, so there is never more than one), resample events and QMP.
 
+A guest access (PCI_CFGREAD/WRITE, BAR_READ/WRITE read by the transport's fast path) never becomes
+a message object: ``Transport.read_request`` returns its command, the dispatcher's specialised
+handler for it turns the payload buffer into the RET value, ``Transport.send_ret_value`` sends the
+cached frame. Everything else is read, decoded and dispatched through the codec as before.
+
 Hot mode (one syscall fewer per guest access): while the proxy sends each request within
 :data:`HOT_GAP` of our previous reply (a guest doing back-to-back accesses), no timer is pending
 and the INTx line is low (a resample event then needs no answer: it only drains the counter,
