@@ -18,6 +18,7 @@ through ProxySim.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import statistics
 import struct
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 from mpqemu_mgmt.protocol import BarRead, Message, PciConfigRead
+from mpqemu_mgmt.testing import pinning
 from mpqemu_mgmt.testing.builtin_remote import BuiltinRemote
 from mpqemu_mgmt.testing.proxysim import ProxySim
 from mpqemu_mgmt.testing.stock_remote import StockRemote, settle
@@ -87,16 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--seccomp", default="enforce", choices=("enforce", "log", "errno", "off"))
+    p.add_argument("--placement", choices=("split", "same", "none"), default="split",
+                   help="client and remotes on different CPUs (as vCPU thread and remote), "
+                   "on one, or unpinned")
     args = p.parse_args(argv)
-    with (
-        tempfile.TemporaryDirectory(prefix="mpqemu-bench-") as tmp,
-        StockRemote.pair("pci-testdev", workdir=Path(tmp), qmp=True, name="stock") as (stock, s_sock),
-        BuiltinRemote.pair(
-            "pci-testdev", workdir=Path(tmp), seccomp=args.seccomp, qmp_listener=qmp_listener(Path(tmp))
-        ) as (_ours, o_sock),
-        ProxySim(s_sock) as ps,
-        ProxySim(o_sock) as po,
-    ):
+    cpus = pinning.placement(args.placement)
+    client_cpu, remote_cpu = cpus if cpus else (None, None)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mpqemu-bench-"))
+        with pinning.children_on(remote_cpu):  # both remotes on the same CPU, the client on another
+            stock, s_sock = stack.enter_context(
+                StockRemote.pair("pci-testdev", workdir=Path(tmp), qmp=True, name="stock"))
+            _ours, o_sock = stack.enter_context(BuiltinRemote.pair(
+                "pci-testdev", workdir=Path(tmp), seccomp=args.seccomp, qmp_listener=qmp_listener(Path(tmp))))
+        pinning.pin_self(client_cpu)
+        ps = stack.enter_context(ProxySim(s_sock))
+        po = stack.enter_context(ProxySim(o_sock))
         settle(stock)
         for px in (ps, po):
             px.map_bars()
@@ -126,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 res.setdefault(("config_read/raw", who), []).append(raw_batch(socks[who], args.batch))
     print(
         f"mpqemu round trip, pci-testdev, ours with --seccomp {args.seccomp}; "
+        f"CPUs: {f'client {cpus[0]}, remotes {cpus[1]}' if cpus else 'not pinned'}; "
         f"{args.rounds} alternating batches x {args.batch} per remote; batch means: median and"
         " 10th percentile (the quietest batches; noise from other load only adds)"
     )
