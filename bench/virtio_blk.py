@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mpqemu_mgmt.devices.virtio.constants import BLK_S_OK, BLK_T_IN, BLK_T_OUT
+from mpqemu_mgmt.testing import pinning
 from mpqemu_mgmt.testing.virtio_blk_remotes import Attached, attach, builtin_blk, stock_blk
 from mpqemu_mgmt.testing.virtio_driver import Request, VirtioBlkDriver
 
@@ -100,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth-rand", type=int, default=32)
     p.add_argument("--seccomp", choices=("enforce", "off"), default="enforce")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--placement", choices=("split", "same", "none"), default="split",
+                   help="driver and remotes on different CPUs, on one, or unpinned (testing/pinning.py)")
     args = p.parse_args(argv)
+    cpus = pinning.placement(args.placement)
+    client_cpu, remote_cpu = cpus if cpus else (None, None)
 
     sectors = (args.image_mib << 20) // 512
     rnd = random.Random(5)
@@ -116,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
 
     results: dict[str, dict[str, list[float]]] = {w.name: {"stock": [], "ours": []} for w in workloads}
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-virtio-blk-") as tmp,
-        both(Path(tmp), args.image_mib, args.seccomp) as atts,
-    ):
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-virtio-blk-"))
+        with pinning.children_on(remote_cpu):  # both remotes (and stock's I/O threads) on one CPU
+            atts = stack.enter_context(both(Path(tmp), args.image_mib, args.seccomp))
+        pinning.pin_self(client_cpu)
         cursors = {name: [0] for name in atts}
         # Warm-up: read both images once (page cache), and let both processes settle.
         for name, att in atts.items():
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"(median of {args.rounds} paired {args.seconds} s slices per workload; kicks {kicks})")
-        print(f"(load average {load}; waits without an interrupt {idle})")
+        print(f"(load average {load}; waits without an interrupt {idle}; placement {args.placement} {cpus})")
     return 0
 
 
