@@ -481,3 +481,20 @@ def test_kick_defers_a_batch_and_serves_a_lone_request_inline() -> None:
     # one small request is served entirely inside its kick, nothing is deferred
     r.drv.run([Request(BLK_T_FLUSH)])
     assert not timers.due
+
+
+def test_a_lone_request_that_spends_the_inline_budget_rearms_kicks() -> None:
+    """Regression: a lone request of >= INLINE_BYTES served inside its kick left avail_event
+    behind (the budget branch skipped enable_notification); with EVENT_IDX the guest's driver
+    then never kicked again and its I/O hung (bench/vfio_user.py dd bs=1M)."""
+    from mpqemu_mgmt.devices.virtio.legacy_pci import INLINE_BYTES
+
+    timers = ManualTimers()
+    r = Rig(timers=timers)
+    assert r.drv.event_idx
+    for n in range(1, 4):
+        r.drv.submit(Request(BLK_T_IN, 0, read_len=INLINE_BYTES))
+        assert r.drv.kick(), f"request {n}: the driver was not asked to kick (avail_event lags)"
+        timers.run()
+        assert r.drv.used_idx() == n
+        assert r.drv.avail_event() == n  # kick me at the next avail index

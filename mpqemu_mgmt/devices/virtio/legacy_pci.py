@@ -341,7 +341,12 @@ class LegacyVirtioPci:
                         if pop_error is not None:
                             raise pop_error
                         if left == 0:
-                            more = not ring.empty()
+                            # Budget spent. If the ring is empty, nothing will be deferred, so
+                            # re-arm kicks here (and re-check): pop leaves avail_event behind,
+                            # and with EVENT_IDX a driver whose avail_event lags never kicks
+                            # again — the guest hangs (virtio_blk_handle_vq always ends with
+                            # virtio_queue_set_notification(vq, 1) + virtio_queue_empty).
+                            more = not ring.empty() or ring.enable_notification()
                             break
                         if len(batch) < _BATCH and not ring.enable_notification():
                             break
