@@ -39,6 +39,7 @@ from pathlib import Path
 from mpqemu_mgmt.confine.launcher import LaunchRequest, launch, profile_for
 from mpqemu_mgmt.confine.profile import ConfinementProfile
 from mpqemu_mgmt.errors import MpqemuError
+from mpqemu_mgmt.testing import pinning
 from mpqemu_mgmt.testing.proxysim import ProxySim
 
 
@@ -147,7 +148,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--device", default="pci-testdev")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--placement", choices=("split", "same", "none"), default="split",
+                    help="round trips: client and remotes on different CPUs, on one, or unpinned")
     args = ap.parse_args()
+    cpus = pinning.placement(args.placement)
+    client_cpu, remote_cpu = cpus if cpus else (None, None)
     if os.geteuid() != 0 or shutil.which("bwrap") is None:
         print("confinement_cost: needs root and bubblewrap", file=sys.stderr)
         return 2
@@ -165,17 +170,21 @@ def main() -> int:
                 device = qemu_device if backend == "qemu" else args.device
                 with factory(device, workdir, mode, backend) as (_, started):
                     starts[n].append(started * 1e3)
-        # round trips: all variants up at once, batches alternate
+        # round trips: all variants up at once, batches alternate; every remote on one CPU and
+        # this client on another (testing/pinning.py: unpinned round trips are bimodal here)
         with contextlib.ExitStack() as stack:
             sims: dict[str, ProxySim] = {}
             for n in names:
                 factory, mode, backend = VARIANTS[n]
                 device = qemu_device if backend == "qemu" else args.device
-                sim, _ = stack.enter_context(factory(device, workdir, mode, backend))
+                with pinning.children_on(remote_cpu):
+                    sim, _ = stack.enter_context(factory(device, workdir, mode, backend))
+                sims[n] = sim
+            pinning.pin_self(client_cpu)
+            for sim in sims.values():
                 sim.probe()
                 sim.map_bars()
                 sim.config_write(0x04, sim.config_read(0x04, 2) | 0x3, 2)
-                sims[n] = sim
             cfg: dict[str, list[float]] = {n: [] for n in names}
             bar: dict[str, list[float]] = {n: [] for n in names}
             for _ in range(args.rounds):
@@ -194,7 +203,7 @@ def main() -> int:
         print(json.dumps(results, indent=2))
         return 0
     print(f"device {args.device}; {args.starts} starts, "
-          f"{args.rounds}x{args.batch} round trips per kind (medians)")
+          f"{args.rounds}x{args.batch} round trips per kind (medians); placement {args.placement} {cpus}")
     print(f"{'variant':15} {'start-up ms':>12} {'x bare':>7} {'cfg read µs':>12} {'x bare':>7} "
           f"{'BAR read µs':>12} {'x bare':>7}")
     for n in names:
