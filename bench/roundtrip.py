@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from mpqemu_mgmt.testing import pinning
 from mpqemu_mgmt.testing.proxysim import ProxySim
 from mpqemu_mgmt.testing.stock_remote import DEFAULT_QEMU, StockRemote, settle
 
@@ -76,16 +77,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ours", default=f"{shlex.quote(sys.executable)} -m mpqemu_mgmt.remote",
                     help="argv prefix of our remote")
     ap.add_argument("--json", action="store_true", help="also print one JSON object")
+    ap.add_argument("--placement", choices=("split", "same", "none"), default="split",
+                    help="client and remotes on different CPUs, on one, or unpinned (testing/pinning.py)")
     args = ap.parse_args(argv)
+    cpus = pinning.placement(args.placement)
+    client_cpu, remote_cpu = cpus if cpus else (None, None)
 
     have_ours = importlib.util.find_spec("mpqemu_mgmt.remote.__main__") is not None
     results: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="mpqemu-bench-") as tmp, contextlib.ExitStack() as stack:
-        sims: dict[str, ProxySim] = {
-            "stock": stack.enter_context(stock(args.device, Path(tmp), shlex.split(args.qemu_binary)))
-        }
-        if have_ours:
-            sims["ours"] = stack.enter_context(ours(args.device, Path(tmp), shlex.split(args.ours)))
+        with pinning.children_on(remote_cpu):  # both remotes on one CPU, this client on another
+            sims: dict[str, ProxySim] = {
+                "stock": stack.enter_context(stock(args.device, Path(tmp), shlex.split(args.qemu_binary)))
+            }
+            if have_ours:
+                sims["ours"] = stack.enter_context(ours(args.device, Path(tmp), shlex.split(args.ours)))
+        pinning.pin_self(client_cpu)
         for name, sim in sims.items():
             sim.probe()
             bases = sim.map_bars()

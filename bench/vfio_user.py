@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from mpqemu_mgmt.testing import pinning
 from mpqemu_mgmt.testing.proxysim import ProxySim
 from mpqemu_mgmt.testing.vfio_user_client import VfioUserClient
 
@@ -61,11 +62,17 @@ def per_call_us(op: Callable[[], object], n: int) -> float:
 
 def roundtrips(rounds: int, batch: int) -> dict[str, dict[str, float]]:
     samples: dict[str, list[float]] = {k: [] for k in ("mpqemu_cfg", "mpqemu_bar", "vfio_cfg", "vfio_bar")}
+    cpus = pinning.placement("split")  # remotes on one CPU, this client on another (pinning.py)
+    client_cpu, remote_cpu = cpus if cpus else (None, None)
     with tempfile.TemporaryDirectory(prefix="bench-vu-") as tmp, contextlib.ExitStack() as stack:
-        sim = ProxySim(stack.enter_context(remote("mpqemu", Path(tmp))))
+        with pinning.children_on(remote_cpu):
+            mpqemu_sock = stack.enter_context(remote("mpqemu", Path(tmp)))
+            vfio_sock = stack.enter_context(remote("vfio-user", Path(tmp)))
+        stack.enter_context(pinning.children_on(client_cpu))  # restored for the guest runs after
+        sim = ProxySim(mpqemu_sock)
         sim.probe()
         sim.map_bars()
-        client = VfioUserClient(stack.enter_context(remote("vfio-user", Path(tmp))))
+        client = VfioUserClient(vfio_sock)
         client.handshake()
         ops: dict[str, Callable[[], object]] = {
             "mpqemu_cfg": lambda: sim.config_read(0, 4),
