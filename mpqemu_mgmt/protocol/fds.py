@@ -12,13 +12,12 @@ descriptor is injected by whoever creates the wrapper (the transport passes ``os
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from types import TracebackType
-from typing import Self, overload
+from typing import overload
 
+from mpqemu_mgmt.closing import ClosedOnExit
 from mpqemu_mgmt.errors import ProtocolError
 
 Closer = Callable[[int], None]
@@ -30,27 +29,7 @@ def _close_quietly(close: Closer, fd: int) -> None:
         close(fd)
 
 
-class _ClosedOnExit(abc.ABC):
-    """``with owner:`` closes what ``owner`` still owns on the way out, whatever happened inside."""
-
-    __slots__ = ()
-
-    @abc.abstractmethod
-    def close(self) -> None: ...
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class OwnedFd(_ClosedOnExit):
+class OwnedFd(ClosedOnExit):
     """One file descriptor that this object owns until :meth:`close` or :meth:`detach`."""
 
     __slots__ = ("__weakref__", "_close", "_fd", "_finalizer")
@@ -90,7 +69,7 @@ class OwnedFd(_ClosedOnExit):
         return f"OwnedFd({self._fd if self._fd is not None else 'closed'})"
 
 
-class FdBundle(_ClosedOnExit, Sequence[OwnedFd]):
+class FdBundle(ClosedOnExit, Sequence[OwnedFd]):
     """An ordered, immutable group of :class:`OwnedFd`; closes whatever was not adopted."""
 
     __slots__ = ("_fds",)

@@ -15,8 +15,8 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 
+from mpqemu_mgmt.closing import ClosedOnExit
 from mpqemu_mgmt.errors import ProcessFailed, ProtocolError
 from mpqemu_mgmt.protocol import (
     UINT64_MAX,
@@ -70,7 +70,7 @@ def bar_size_from_readback(readback: int) -> int:
     return ((~(readback & 0xFFFFFFF0)) + 1) & 0xFFFFFFFF
 
 
-class ProxySim:
+class ProxySim(ClosedOnExit):
     """A proxy-role client over one connected socket. Not thread-safe (neither is mpqemu)."""
 
     def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
@@ -212,17 +212,6 @@ class ProxySim:
         """Close the socket (the remote sees EOF and exits) and the transport's held fds."""
         self.transport.close()
         self.sock.close()
-
-    def __enter__(self) -> ProxySim:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def memfd_region(size: int, gpa: int = 0, offset: int = 0, name: str = "proxysim-ram") -> SysmemRegion:

@@ -17,9 +17,9 @@ This module must not do IO of its own, know about PCI, or know what the buffers 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import NamedTuple
 
+from mpqemu_mgmt.closing import ClosedOnExit
 from mpqemu_mgmt.devices.base import GuestMemory
 from mpqemu_mgmt.devices.virtio.constants import (
     AVAIL_F_NO_INTERRUPT,
@@ -238,7 +238,7 @@ class SplitQueue:
         return VirtqueueError(reason, last_avail_idx=self.last_avail_idx)
 
 
-class RingSession:
+class RingSession(ClosedOnExit):
     """One batch of work on a queue: pop chains, push used elements, decide on an interrupt."""
 
     def __init__(self, queue: SplitQueue, mem: GuestMemory) -> None:
@@ -254,17 +254,6 @@ class RingSession:
         #: avail.idx as last read (QEMU's shadow_avail_idx): re-read only when caught up
         self._shadow_avail = queue.last_avail_idx
         self._pushed = 0
-
-    def __enter__(self) -> RingSession:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Release every view this session handed out, then the windows and the ring view."""
