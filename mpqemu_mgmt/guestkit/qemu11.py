@@ -11,6 +11,7 @@ IO shell; it must not know what the QEMU it runs is used for.
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -97,6 +98,14 @@ class Qemu11:
     def command(self, binds: Sequence[Path | str] = (), ro_binds: Sequence[Path | str] = ()) -> list[str]:
         """Prefix plus binary: a full command to which QEMU arguments can be appended."""
         return [*self.argv_prefix(binds, ro_binds), self.binary]
+
+    def write_wrapper(self, path: Path, binds: Sequence[Path | str] = ()) -> Path:
+        """An executable script at ``path`` that runs this QEMU with its arguments: what a guest
+        spec's ``qemu_binary`` names so that a guest (and the service) uses QEMU 11.1."""
+        argv = " ".join(shlex.quote(a) for a in self.command(binds))
+        path.write_text(f'#!/bin/sh\nexec {argv} "$@"\n')
+        path.chmod(0o755)
+        return path
 
 
 def _run_inside(root: Path, args: Sequence[str]) -> str:

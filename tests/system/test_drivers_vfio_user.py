@@ -27,16 +27,12 @@ TESTDEV = "0x1b36:0x0005"
 
 def qemu11_wrapper(state: Path) -> Path:
     try:
-        from mpqemu_mgmt.guestkit.qemu11 import bwrap_prefix, fetch_qemu11
+        from mpqemu_mgmt.guestkit.qemu11 import fetch_qemu11
 
         qemu = fetch_qemu11()
     except Exception as exc:
         pytest.skip(f"QEMU 11.1 (sid root) is not available: {exc}")
-    prefix = bwrap_prefix(qemu.root, binds=[state])
-    script = state / "qemu11.sh"
-    script.write_text("#!/bin/sh\nexec " + " ".join(f"'{a}'" for a in prefix) + f" {qemu.binary} \"$@\"\n")
-    script.chmod(0o755)
-    return script
+    return qemu.write_wrapper(state / "qemu11.sh", binds=[state])
 
 
 def test_vfio_user_guest(state_root: Path) -> None:  # noqa: F811

@@ -68,17 +68,9 @@ async def qemu_pci(daemon: Daemon, name: str) -> dict[str, tuple[int, int]]:
             for bus in buses for d in bus["devices"] if d.get("qdev_id")}
 
 
-def _wrapper(qemu: Qemu11, root: Path) -> Path:
-    script = root / "qemu11.sh"
-    argv = qemu.command(binds=[root])
-    script.write_text("#!/bin/sh\nexec " + " ".join(f"'{a}'" for a in argv) + ' "$@"\n')
-    script.chmod(0o755)
-    return script
-
-
 def test_service_vfio_user_confined_supervised_replugged(qemu11: Qemu11) -> None:
     root = short_root("mpqsv-")
-    wrapper = _wrapper(qemu11, root)
+    wrapper = qemu11.write_wrapper(root / "qemu11.sh", binds=[root])
     img = guest_images(root / "images")
     name = f"vfs-{uuid.uuid4().hex[:6]}"
     spec = parse_spec(f"""
