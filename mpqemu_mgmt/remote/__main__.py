@@ -31,6 +31,7 @@ import sys
 from typing import IO, NoReturn
 
 from mpqemu_mgmt.errors import EXIT_INTERRUPTED, MpqemuError, UsageError
+from mpqemu_mgmt.remote.polling import DEFAULT_MAX_WINDOW
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -88,8 +89,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seccomp-bpf-fd", type=int, metavar="K",
         help="inherited fd with the seccomp filter precompiled by the launcher (raw BPF)",
     )  # fmt: skip
+    p.add_argument(
+        "--poll-us", type=_poll_us, default=DEFAULT_MAX_WINDOW * 1e6, metavar="US",
+        help="longest adaptive busy-poll of the socket after a reply, in microseconds (0: off; "
+        "QEMU's iothread poll-max-ns)",
+    )  # fmt: skip
     p.add_argument("--log-level", choices=tuple(_LEVELS), default="warning")
     return p.parse_args(argv)
+
+
+def _poll_us(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 10000 microseconds")
+    return value
 
 
 def _inherited_socket(fd: int, what: str, listening: bool) -> socket.socket:
@@ -185,7 +198,8 @@ def _run(args: argparse.Namespace, log: _Log) -> int:
     )
     model = catalogue.create(args.device, host)
     remote = Remote(
-        sock, model, memory, irq, timers, log=log.debug if args.log_level == "debug" else log.warning
+        sock, model, memory, irq, timers, log=log.debug if args.log_level == "debug" else log.warning,
+        poll_window=args.poll_us * 1e-6,
     )
     if listener is not None:
         remote.attach_qmp(listener)

@@ -81,6 +81,8 @@ def test_exit_zero_when_peer_closes(tmp_path: Path) -> None:
         (["--device", "edu"], "required"),
         (["--device", "edu", "--fd", "{sock}", "--qmp-fd", "{sock}"], "is not a listening socket"),
         (["--device", "edu", "--fd", "{sock}", "--seccomp", "bogus"], "invalid choice"),
+        (["--device", "edu", "--fd", "{sock}", "--poll-us", "-5"], "not between 0 and 10000"),
+        (["--device", "edu", "--fd", "{sock}", "--poll-us", "lots"], "invalid _poll_us value"),
     ],
 )
 def test_bad_arguments_exit_2(args: list[str], needle: str) -> None:
@@ -106,6 +108,30 @@ def test_protocol_error_exits_1(tmp_path: Path) -> None:
         sock.sendall((99).to_bytes(4, "little") + bytes(12))  # unknown command 99
         assert remote.wait(5) == 1
         assert "protocol error" in remote.log_text()
+
+
+# -- adaptive polling (remote/polling.py) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("poll_us", [None, "0"])
+def test_back_to_back_requests_are_found_by_polling(tmp_path: Path, poll_us: str | None) -> None:
+    """The real remote, confined by its own seccomp filter (sched_yield, MSG_DONTWAIT allowed):
+    back-to-back requests are picked up by the busy-poll window; ``--poll-us 0`` turns it off."""
+    lst, path = qmp_listener(tmp_path)
+    extra = ["--poll-us", poll_us] if poll_us is not None else []
+    with BuiltinRemote.pair("pci-testdev", workdir=tmp_path, qmp_listener=lst, seccomp="enforce",
+                            extra_args=extra) as (remote, sock):
+        with ProxySim(sock) as px:
+            for _ in range(500):
+                assert px.config_read(0, 4) == 0x00051B36
+            [st] = run_qmp(path, ("x-device-status", None))
+        assert remote.wait(5) == 0 and "Traceback" not in remote.log_text()
+    poll = st["loop"]["poll"]
+    if poll_us is None:  # the default window is QEMU-like: up to 100 us
+        assert poll["max_us"] == 100.0 and poll["hits"] > 250, poll
+    else:
+        assert poll == {"max_us": 0.0, "window_us": 0.0, "hits": 0, "misses": 0}
+    assert st["messages"]["PciConfigRead"] >= 500
 
 
 # -- QMP monitor ----------------------------------------------------------------------------------
