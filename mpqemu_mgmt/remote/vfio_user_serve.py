@@ -34,6 +34,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -51,6 +52,7 @@ from mpqemu_mgmt.protocol.vfio_user.endpoint import (
     ServerEndpoint,
     StrayReply,
 )
+from mpqemu_mgmt.remote.polling import DEFAULT_MAX_WINDOW, AdaptivePoll
 from mpqemu_mgmt.remote.vfio_user_memory import DmaWindows
 from mpqemu_mgmt.remote.vfio_user_transport import (
     LoopTimers,
@@ -65,6 +67,7 @@ log = logging.getLogger("mpqemu_mgmt.remote.vfio_user")
 
 CONFIG_SIZE = 256
 _BAR_ACCESS_SIZES = (1, 2, 4, 8)
+_PEEK_NOW = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 # ------------------------------------------------------------------------------ pure parts
@@ -384,6 +387,7 @@ class VfioUserSession:
         backing: IO[bytes] | None = None,
         readonly: bool = False,
         caps: ServerCaps | None = None,
+        poll_window: float = DEFAULT_MAX_WINDOW,
     ) -> None:
         self.endpoint = ServerEndpoint(caps or ServerCaps())
         self.transport = VfioUserTransport(sock, self.endpoint)
@@ -415,6 +419,9 @@ class VfioUserSession:
         self.counts: dict[str, int] = {}
         self.dma_by_message = {"reads": 0, "writes": 0}
         self.qmp: Any = None
+        # adaptive busy-polling after each reply, as the mpqemu loop does (remote/polling.py)
+        self.poll = AdaptivePoll(poll_window, poll_window)
+        self._replied = 0.0
 
     # -- DMA by message (client memory not shared by fd) --------------------------------------
 
@@ -517,6 +524,7 @@ class VfioUserSession:
             errors=self.rejected,
             memory={"windows": self.windows.windows(), "dma_by_message": dict(self.dma_by_message)},
             irq={"level": self.device.intx.level, "masked": self.device.intx.masked},
+            loop={"poll": self.poll.status()},
         )
         return out
 
@@ -528,6 +536,8 @@ class VfioUserSession:
         unmask = self._unmask_fd()
         extra = [] if unmask is None else [unmask]
         qmp_fds = self.qmp.filenos() if self.qmp is not None else []
+        if self._replied and self.poll.window and (wait is None or wait > 0) and self._poll_socket():
+            wait = 0  # a message is there: look at the other fds without sleeping, then read it
         ready = self.transport.wait_readable(wait, (*extra, *qmp_fds))
         if unmask is not None and unmask in ready and drain_eventfd(unmask) and self.device.intx.unmask():
             self.device.fire()
@@ -539,13 +549,36 @@ class VfioUserSession:
                 self.qmp.announce_shutdown()
                 return False
         if self.transport.fileno() in ready:
+            if self._replied and wait != 0:
+                self.poll.came_late(time.monotonic() - self._replied)
             raw = self.transport.recv_message()
             if raw is None:
                 return False
             event = self.endpoint.receive(raw.header, raw.payload, raw.fds.numbers())
             self._dispatch(raw, event)
+            self._replied = time.monotonic()
         self.timers.run_due()
         return True
+
+    def _poll_socket(self) -> bool:
+        """Try the socket without sleeping until the polling window after the last reply closes
+        (MSG_PEEK: the message stays for recv_message); True when something arrived."""
+        deadline = self._replied + self.poll.window
+        sock = self.transport.sock
+        if sock.gettimeout() is not None:
+            return False  # CPython would sleep in poll before a recv on a timeout socket
+        while True:
+            try:
+                sock.recv(1, _PEEK_NOW)  # b"" (EOF) counts: recv_message reports it
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                os.sched_yield()
+                continue
+            except InterruptedError:
+                continue
+            self.poll.hit()
+            return True
 
     def run(self) -> int:
         """Serve until the client closes the socket (exit status 0)."""
@@ -625,7 +658,8 @@ def main_from_args(args: Any, log_: Any) -> int:
     backing = None
     if args.backing_fd is not None:
         backing = os.fdopen(args.backing_fd, "rb" if args.readonly else "r+b", buffering=0)
-    session = VfioUserSession(sock, args.device, backing=backing, readonly=args.readonly)
+    session = VfioUserSession(sock, args.device, backing=backing, readonly=args.readonly,
+                              poll_window=getattr(args, "poll_us", DEFAULT_MAX_WINDOW * 1e6) * 1e-6)
     if args.qmp_fd is not None:
         session.attach_qmp(inherited(args.qmp_fd, "--qmp-fd", True))
     elif args.qmp is not None:

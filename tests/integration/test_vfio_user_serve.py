@@ -256,3 +256,64 @@ def test_remote_process_serves_vfio_user_and_exits_zero_on_close(seccomp: str) -
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+def _device_status(path: str) -> dict[str, object]:
+    """x-device-status over a raw QMP connection."""
+    import json
+
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(path)
+        with c.makefile("rwb") as f:
+            f.readline()  # greeting
+            f.write(b'{"execute": "qmp_capabilities"}\n{"execute": "x-device-status"}\n')
+            f.flush()
+            f.readline()
+            reply: dict[str, object] = json.loads(f.readline())["return"]
+            return reply
+
+
+@pytest.mark.parametrize("poll_us", [None, "0"])
+def test_vfio_user_requests_are_found_by_polling(tmp_path: object, poll_us: str | None) -> None:
+    """The vfio-user loop polls the socket after each reply like the mpqemu one (polling.py),
+    confined by its seccomp filter; ``--poll-us 0`` turns it off."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    qmp = str(Path(str(tmp_path)) / "q.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(qmp)
+    listener.listen(1)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    extra = ["--poll-us", poll_us] if poll_us is not None else []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpqemu_mgmt.remote", "--device", "pci-testdev", "--fd", str(theirs.fileno()),
+         "--transport", "vfio-user", "--qmp-fd", str(listener.fileno()), "--seccomp", "enforce", *extra],
+        pass_fds=(theirs.fileno(), listener.fileno()),
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    listener.close()
+    try:
+        ours.settimeout(20)
+        c = VfioUserClient(ours)
+        c.handshake()
+        for _ in range(300):
+            assert c.config_read(0, 4) == 0x00051B36
+        status = _device_status(qmp)
+        poll = status["loop"]["poll"]  # type: ignore[index]
+        if poll_us is None:
+            assert poll["max_us"] == 100.0 and poll["hits"] > 150, poll
+        else:
+            assert poll == {"max_us": 0.0, "window_us": 0.0, "hits": 0, "misses": 0}
+        assert c.config_read(0, 4) == 0x00051B36  # QMP in between did not disturb the loop
+        c.close()
+        assert proc.wait(20) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
