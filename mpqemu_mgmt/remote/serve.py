@@ -26,7 +26,8 @@ blocking in the read is ~9% faster than poll + read for back-to-back requests (r
 slower for a proxy that takes ~20 us between reply and request (ProxySim), hence the gap rule.
 
 Adaptive polling (polling.py, ``--poll-us``, on by default): for a short window after each reply
-(at most 100 us, shrinking to nothing for an idle guest) the loop tries the socket with
+or deferred device work such as a virtio batch (at most 100 us, shrinking to nothing for an idle
+guest) the loop tries the socket with
 MSG_DONTWAIT, calling sched_yield between tries, before it sleeps in poll or the hot read. It is
 QEMU's own iothread polling (util/aio-posix.c, poll-max-ns) applied to one socket. When the
 proxy's vCPU thread and the remote run on different CPUs, as in production, a sleeping remote
@@ -182,7 +183,7 @@ class Remote:
         hot = False
         poll = self.poll
         yield_cpu = os.sched_yield
-        looked = replied = 0.0
+        looked = active = 0.0  # active: the last reply, or deferred work
         # the watched fds change only with SET_IRQFD (a new resamplefd) or QMP (dis)connections:
         # look them up again only after those, since this loop runs once per guest access
         rekey = True
@@ -190,7 +191,10 @@ class Remote:
             while True:
                 pending = bool(timers)
                 if pending:
-                    timers.run_due()
+                    if timers.run_due():
+                        # deferred device work (a virtio batch) ran and maybe raised INTx: the
+                        # guest's next access (its ISR read) follows this, not the last reply
+                        active = clock()
                     pending = bool(timers)
                 if rekey:
                     rekey = False
@@ -204,25 +208,31 @@ class Remote:
                                 poller.register(fd, _IN)
                         key = new_key
                 cmd = _NONE
-                busy = not pending and not irq.level and (hot or (poll.window and replied))
+                # the hot read waits up to HOT_WAIT, so only with INTx low (no resample event
+                # to answer); polling lasts at most poll.window, so INTx may be high
+                polling = not pending and poll.window and active
+                busy = polling or (hot and not pending and not irq.level)
                 if busy and key != (None, None):
                     # while busy the loop skips poll: look at QMP and the resamplefd every
-                    # HOT_LOOK anyway, so a heartbeat is answered while a guest hammers the device
+                    # HOT_LOOK anyway, so a heartbeat is answered while a guest hammers the
+                    # device; with INTx high every turn, so an EOI's resample is not delayed
                     now = clock()
-                    if now - looked >= HOT_LOOK:
+                    if irq.level or now - looked >= HOT_LOOK:
                         looked = now
-                        events = poller.poll(0)
+                        # (the mpqemu socket is in the poller too: it is read below)
+                        events = [e for e in poller.poll(0) if e[0] != sock_fd]
                         if events:
                             rekey = True
                             self.hot_reads = hot_reads
                             if self._on_other(events, sock_fd, key):
                                 return 0
                             continue  # a new QMP client or resamplefd: poll must watch it
-                if busy and poll.window and replied:
-                    # adaptive polling (polling.py): for a short window after a reply, try the
-                    # socket without sleeping, yielding the CPU between tries (a client on the
-                    # same CPU runs then); a busy guest's next access comes within it
-                    deadline = replied + poll.window
+                if polling:
+                    # adaptive polling (polling.py): for a short window after a reply (or
+                    # deferred work), try the socket without sleeping, yielding the CPU between
+                    # tries (a client on the same CPU runs then); a busy guest's next access
+                    # comes within it
+                    deadline = active + poll.window
                     while True:
                         try:
                             cmd = read_request(_DONTWAIT)
@@ -244,8 +254,8 @@ class Remote:
                         self.hot_reads = hot_reads
                         continue
                     hot_reads += 1
-                    if replied:
-                        poll.came_late(clock() - replied)
+                    if active:
+                        poll.came_late(clock() - active)
                 else:
                     timeout = timers.timeout() if pending else None
                     try:
@@ -269,16 +279,16 @@ class Remote:
                     except BlockingIOError:
                         continue  # readable but nothing to read (spurious wake-up)
                     looked = clock()
-                    if replied:
-                        poll.came_late(looked - replied)
+                    if active:
+                        poll.came_late(looked - active)
                 # hot while the proxy sends its next request soon after each reply (a busy
                 # guest); a slower proxy is better served from poll (see the module docstring)
                 if cmd >= 0:
                     handler = fast.get(cmd)
                     if handler is not None:
-                        hot = clock() - replied < hot_gap
+                        hot = clock() - active < hot_gap
                         send_value(handler(payload))
-                        replied = clock()
+                        active = clock()
                         continue
                     msg: Message | None = transport.fast_message(cmd)
                 else:
@@ -286,13 +296,13 @@ class Remote:
                     msg = read()
                 if msg is None:
                     return 0
-                hot = clock() - replied < hot_gap
+                hot = clock() - active < hot_gap
                 if type(msg) is SetIrqfd:
                     rekey = True
                 reply = dispatch(msg)
                 if reply is not None:
                     send(reply)  # a vanished proxy (EPIPE, ECONNRESET) ends below with 0
-                    replied = clock()
+                    active = clock()
         except ProtocolError as exc:
             self.log(f"mpqemu protocol error, stopping: {exc}")
             return 1
