@@ -3,13 +3,17 @@ real socketpair (the server in a thread; QEMU 11.1's client is in test_vfio_user
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -225,21 +229,7 @@ def test_bad_framing_ends_the_session_without_leaks(serve) -> None:  # type: ign
 @pytest.mark.parametrize("seccomp", ["off", "enforce"])
 def test_remote_process_serves_vfio_user_and_exits_zero_on_close(seccomp: str) -> None:
     """Contracts 1: python -m mpqemu_mgmt.remote --transport vfio-user on an inherited fd."""
-    import subprocess
-    import sys
-
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mpqemu_mgmt.remote", "--device", "edu", "--fd", str(theirs.fileno()),
-         "--transport", "vfio-user", "--seccomp", seccomp],
-        pass_fds=(theirs.fileno(),),
-        stderr=subprocess.PIPE,
-    )
-    theirs.close()
-    try:
-        ours.settimeout(20)
-        c = VfioUserClient(ours)
-        c.handshake()
+    with remote_process("edu", "--seccomp", seccomp) as c:
         assert c.config_read(0, 4) == 0x11E81234
         c.write(0, 0x04, 4, 0x12345678)
         assert c.read(0, 0x04, 4) == 0xFFFFFFFF ^ 0x12345678
@@ -248,6 +238,25 @@ def test_remote_process_serves_vfio_user_and_exits_zero_on_close(seccomp: str) -
         c.write(0, 0x60, 4, 1)
         assert eventfd_count(efd, 5) == 1
         os.close(efd)
+
+
+@contextlib.contextmanager
+def remote_process(model: str, *args: str, keep: tuple[int, ...] = ()) -> Iterator[VfioUserClient]:
+    """``python -m mpqemu_mgmt.remote --transport vfio-user`` on a socketpair, handshaken; on a
+    clean exit of the block the client closes and the remote must exit 0."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpqemu_mgmt.remote", "--device", model, "--fd", str(theirs.fileno()),
+         "--transport", "vfio-user", *args],
+        pass_fds=(theirs.fileno(), *keep),
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    try:
+        ours.settimeout(20)
+        c = VfioUserClient(ours)
+        c.handshake()
+        yield c
         c.close()
         assert proc.wait(20) == 0, proc.stderr.read().decode() if proc.stderr else ""
     finally:
@@ -275,31 +284,16 @@ def _device_status(path: str) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("poll_us", [None, "0"])
-def test_vfio_user_requests_are_found_by_polling(tmp_path: object, poll_us: str | None) -> None:
+def test_vfio_user_requests_are_found_by_polling(tmp_path: Path, poll_us: str | None) -> None:
     """The vfio-user loop polls the socket after each reply like the mpqemu one (polling.py),
     confined by its seccomp filter; ``--poll-us 0`` turns it off."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    qmp = str(Path(str(tmp_path)) / "q.sock")
+    qmp = str(tmp_path / "q.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(qmp)
     listener.listen(1)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     extra = ["--poll-us", poll_us] if poll_us is not None else []
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mpqemu_mgmt.remote", "--device", "pci-testdev", "--fd", str(theirs.fileno()),
-         "--transport", "vfio-user", "--qmp-fd", str(listener.fileno()), "--seccomp", "enforce", *extra],
-        pass_fds=(theirs.fileno(), listener.fileno()),
-        stderr=subprocess.PIPE,
-    )
-    theirs.close()
-    listener.close()
-    try:
-        ours.settimeout(20)
-        c = VfioUserClient(ours)
-        c.handshake()
+    with listener, remote_process("pci-testdev", "--qmp-fd", str(listener.fileno()), "--seccomp", "enforce",
+                                  *extra, keep=(listener.fileno(),)) as c:
         for _ in range(300):
             assert c.config_read(0, 4) == 0x00051B36
         status = _device_status(qmp)
@@ -309,11 +303,3 @@ def test_vfio_user_requests_are_found_by_polling(tmp_path: object, poll_us: str 
         else:
             assert poll == {"max_us": 0.0, "window_us": 0.0, "hits": 0, "misses": 0}
         assert c.config_read(0, 4) == 0x00051B36  # QMP in between did not disturb the loop
-        c.close()
-        assert proc.wait(20) == 0, proc.stderr.read().decode() if proc.stderr else ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
