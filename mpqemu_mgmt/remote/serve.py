@@ -259,7 +259,10 @@ class Remote:
                 else:
                     timeout = timers.timeout() if pending else None
                     try:
-                        events = poller.poll(-1 if timeout is None else int(timeout * 1000) + 1)
+                        # ms, rounded up (no spinning on a sub-ms deadline), but a timer that
+                        # is already due (deferred work queued by the last one) does not wait
+                        ms = -1 if timeout is None else int(timeout * 1000) + 1 if timeout else 0
+                        events = poller.poll(ms)
                     except InterruptedError:
                         continue
                     ready = False
