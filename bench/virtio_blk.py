@@ -15,7 +15,9 @@ Workloads: sequential 128 KiB reads, sequential 128 KiB writes (MB/s), random 4 
 (IOPS). Each workload runs as ``rounds`` pairs of back-to-back slices (stock then ours, then
 ours then stock, ...), so the drifting load of the shared machine hits both sides of a pair
 alike; the median of the per-pair ratios ours/stock is reported with its inter-quartile range
-(goals: ≥ 1.0 for the sequential ones, ≥ 0.7 for random reads). ``--depth-seq 1 --depth-rand 1``
+(goals: ≥ 1.0 for the sequential ones, ≥ 0.7 for random reads). Also printed: how busy each
+remote's CPU was over its slices (ours busy-polls its socket after each reply, remote/polling.py,
+and so trades CPU for latency; ``--poll-us 0`` shows it without). ``--depth-seq 1 --depth-rand 1``
 measures one request per kick (latency-bound) instead of a queue of them.
 """
 
@@ -30,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,9 @@ def run_for(drv: VirtioBlkDriver, wl: Workload, seconds: float, cursor: list[int
 
 
 @contextlib.contextmanager
-def both(workdir: Path, image_mib: int, seccomp: str) -> Iterator[dict[str, Attached]]:
+def both(
+    workdir: Path, image_mib: int, seccomp: str, ours_args: Sequence[str] = ()
+) -> Iterator[tuple[dict[str, Attached], dict[str, int]]]:
     images = {}
     for name in ("stock", "ours"):
         path = workdir / f"{name}.img"
@@ -79,8 +83,9 @@ def both(workdir: Path, image_mib: int, seccomp: str) -> Iterator[dict[str, Atta
                 f.write(chunk)
         images[name] = path
     with (
-        stock_blk(images["stock"], workdir=workdir) as (_s, s_sock),
-        builtin_blk(images["ours"], workdir=workdir, seccomp=seccomp) as (_o, o_sock),
+        stock_blk(images["stock"], workdir=workdir) as (s_proc, s_sock),
+        builtin_blk(images["ours"], workdir=workdir, seccomp=seccomp, extra_args=ours_args) as (
+            o_proc, o_sock),
         attach(s_sock, ram_size=64 << 20) as s_att,
         attach(o_sock, ram_size=64 << 20) as o_att,
     ):
@@ -89,7 +94,13 @@ def both(workdir: Path, image_mib: int, seccomp: str) -> Iterator[dict[str, Atta
             att.driver.init()
             att.driver.zero_fill = False
             att.driver.collect = False
-        yield atts
+        yield atts, {"stock": s_proc.pid, "ours": o_proc.pid}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of the whole process, every thread (proc(5) stat utime + stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth-rand", type=int, default=32)
     p.add_argument("--seccomp", choices=("enforce", "off"), default="enforce")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--poll-us", type=float, help="our remote's --poll-us (default: its own default)")
     p.add_argument("--placement", choices=("split", "same", "none"), default="split",
                    help="driver and remotes on different CPUs, on one, or unpinned (testing/pinning.py)")
     args = p.parse_args(argv)
@@ -121,10 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
 
     results: dict[str, dict[str, list[float]]] = {w.name: {"stock": [], "ours": []} for w in workloads}
+    # the remotes' CPU time over their slices (ours busy-polls after each reply: polling.py)
+    busy: dict[str, dict[str, list[float]]] = {w.name: {"stock": [0.0, 0.0], "ours": [0.0, 0.0]}
+                                               for w in workloads}
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-virtio-blk-"))
         with pinning.children_on(remote_cpu):  # both remotes (and stock's I/O threads) on one CPU
-            atts = stack.enter_context(both(Path(tmp), args.image_mib, args.seccomp))
+            ours_args = [] if args.poll_us is None else ["--poll-us", str(args.poll_us)]
+            atts, pids = stack.enter_context(both(Path(tmp), args.image_mib, args.seccomp, ours_args))
         pinning.pin_self(client_cpu)
         cursors = {name: [0] for name in atts}
         # Warm-up: read both images once (page cache), and let both processes settle.
@@ -143,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                 # so each ours/stock ratio compares two slices taken back to back.
                 order = ["stock", "ours"] if r % 2 == 0 else ["ours", "stock"]
                 for name in order:
+                    c0, t0 = cpu_seconds(pids[name]), time.perf_counter()
                     results[wl.name][name].append(run_for(atts[name].driver, wl, args.seconds, cursors[name]))
+                    busy[wl.name][name][0] += cpu_seconds(pids[name]) - c0
+                    busy[wl.name][name][1] += time.perf_counter() - t0
         kicks = {name: att.driver.kicks for name, att in atts.items()}
         idle = {name: att.driver.idle_waits for name, att in atts.items()}
 
@@ -155,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         summary.append({"workload": wl.name, "unit": wl.unit, "depth": wl.depth,
                         "stock": round(statistics.median(st), 1), "ours": round(statistics.median(ou), 1),
                         "ratio": round(statistics.median(ratios), 3),
-                        "ratio_iqr": [round(q1, 3), round(q3, 3)]})  # fmt: skip
+                        "ratio_iqr": [round(q1, 3), round(q3, 3)],
+                        "cpu_busy": {n: round(c / w, 3) for n, (c, w) in busy[wl.name].items()}})  # fmt: skip
     if args.json:
         json.dump(
             {"results": summary, "rounds": args.rounds, "kicks": kicks, "idle_waits": idle,
@@ -165,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         print()
     else:
-        print(f"{'workload':16} {'depth':>5} {'stock':>14} {'ours':>14} {'ours/stock':>10}  IQR")
+        print(f"{'workload':16} {'depth':>5} {'stock':>14} {'ours':>14} {'ours/stock':>10}  IQR"
+              "           remote CPU busy: stock  ours")
         for row in summary:
             print(
                 f"{row['workload']:16} {row['depth']:>5} {row['stock']:>9.1f} {row['unit']:<4}"
                 f"{row['ours']:>10.1f} {row['unit']:<4}{row['ratio']:>8.3f}"
                 f"  {row['ratio_iqr'][0]:.3f}..{row['ratio_iqr'][1]:.3f}"
+                f"                   {row['cpu_busy']['stock']:5.0%} {row['cpu_busy']['ours']:5.0%}"
             )
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"(median of {args.rounds} paired {args.seconds} s slices per workload; kicks {kicks})")

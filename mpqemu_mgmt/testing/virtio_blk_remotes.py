@@ -71,10 +71,12 @@ class BuiltinBlkRemote(LoggedProcess):
 
 @contextlib.contextmanager
 def builtin_blk(
-    image: Path, *, workdir: Path, readonly: bool = False, seccomp: str = "enforce"
+    image: Path, *, workdir: Path, readonly: bool = False, seccomp: str = "enforce",
+    extra_args: Sequence[str] = (),
 ) -> Iterator[tuple[BuiltinBlkRemote, socket.socket]]:
     def spawn(remote_fd: int) -> BuiltinBlkRemote:
-        return BuiltinBlkRemote(image, remote_fd, workdir=workdir, readonly=readonly, seccomp=seccomp)
+        return BuiltinBlkRemote(image, remote_fd, workdir=workdir, readonly=readonly, seccomp=seccomp,
+                                extra_args=extra_args)
 
     # Closing the proxy end is the polite stop (the remote exits 0 on EOF); 2 s as BuiltinRemote.
     with on_socketpair(spawn, grace=2.0) as pair:

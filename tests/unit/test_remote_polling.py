@@ -7,7 +7,11 @@ import itertools
 
 import pytest
 
-from mpqemu_mgmt.remote.polling import GROW_START, AdaptivePoll
+from mpqemu_mgmt.remote.polling import DEFAULT_MAX_WINDOW, GROW_START, AdaptivePoll
+
+
+def test_default_maximum_is_200_us() -> None:
+    assert AdaptivePoll().max_window == DEFAULT_MAX_WINDOW == 200e-6
 
 
 def test_starts_at_the_maximum() -> None:
@@ -23,12 +27,31 @@ def test_zero_maximum_never_polls() -> None:
 def test_an_idle_guest_shrinks_the_window_to_zero() -> None:
     poll = AdaptivePoll(100e-6, 100e-6)
     windows = []
-    for _ in range(6):
+    for _ in range(7):
         poll.came_late(0.5)  # one access every half second
         windows.append(poll.window)
-    assert windows[:4] == [50e-6, 25e-6, 12.5e-6, 6.25e-6]
-    assert windows[4:] == [0.0, 0.0]  # below GROW_START the window closes
-    assert poll.misses == 5  # a closed window is not a miss
+    assert windows[0] == 100e-6  # one long gap alone does not shrink it (SHRINK_AFTER = 2)
+    assert windows[1:5] == [50e-6, 25e-6, 12.5e-6, 6.25e-6]
+    assert windows[5:] == [0.0, 0.0]  # below GROW_START the window closes
+    assert poll.misses == 6  # a closed window is not a miss
+
+
+def test_a_virtio_guest_alternating_quick_and_slow_accesses_keeps_polling() -> None:
+    """ISR read soon after the interrupt (a hit), the next kick much later (a long gap): the
+    window must not collapse (QEMU's poll-shrink 0 rule would drop it on every kick)."""
+    poll = AdaptivePoll(200e-6, 200e-6)
+    for _ in range(100):
+        poll.hit()
+        poll.came_late(300e-6)
+    assert poll.window == 200e-6 and poll.hits == 100
+
+
+def test_a_near_miss_between_long_gaps_also_resets_the_count() -> None:
+    poll = AdaptivePoll(200e-6, 200e-6)
+    for _ in range(10):
+        poll.came_late(1.0)
+        poll.came_late(150e-6)  # within the maximum: grows, and the long-gap run starts over
+    assert poll.window == 200e-6
 
 
 def test_a_request_just_after_the_window_grows_it_back() -> None:
