@@ -26,15 +26,16 @@ blocking in the read is ~9% faster than poll + read for back-to-back requests (r
 slower for a proxy that takes ~20 us between reply and request (ProxySim), hence the gap rule.
 
 Adaptive polling (polling.py, ``--poll-us``, on by default): for a short window after each reply
-or deferred device work such as a virtio batch (at most 100 us, shrinking to nothing for an idle
-guest) the loop tries the socket with
-MSG_DONTWAIT, calling sched_yield between tries, before it sleeps in poll or the hot read. It is
-QEMU's own iothread polling (util/aio-posix.c, poll-max-ns) applied to one socket. When the
-proxy's vCPU thread and the remote run on different CPUs, as in production, a sleeping remote
-pays a wake-up (an IPI, and on a VM an exit) on every guest access. Measured with
-bench/emulator_config_read.py --placement split: the ProxySim round trip fell from 1.01x stock
-to 0.46x. On one shared CPU the yield hands the CPU to the client (0.92x in both cases).
-While busy (hot or polling) the QMP and resample fds are still looked at every HOT_LOOK.
+or deferred device work such as a virtio batch (at most 200 us, shrinking to nothing for an idle
+guest) the loop tries the socket with MSG_DONTWAIT, calling sched_yield between tries, before it
+sleeps in poll or the hot read. It is QEMU's own iothread polling (util/aio-posix.c,
+poll-max-ns) applied to one socket. When the proxy's vCPU thread and the remote run on different
+CPUs, as in production, a sleeping remote pays a wake-up (an IPI, and on a VM an exit) on every
+guest access. Measured with bench/emulator_config_read.py --placement split: the ProxySim round
+trip fell from 1.01x stock to 0.46x; bench/virtio_blk.py sequential reads from 0.84x to 1.05x
+stock, for more CPU (96% busy vs 57%). On one shared CPU the yield hands the CPU to the client
+(0.92x in both cases). While busy (hot or polling) the QMP and resample fds are still looked at
+every HOT_LOOK, and every turn while INTx is high.
 
 Exit status: 0 when the proxy closes the socket (or QMP ``quit``), as Contracts 1 and the stock
 remote require; 1 after a protocol error (the stream can no longer be trusted; the stock remote
