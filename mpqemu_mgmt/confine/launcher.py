@@ -73,6 +73,7 @@ class LaunchRequest:
     readonly: bool = False  # open the backing files read-only (and tell the remote so)
     qemu_binary: str = "qemu-system-x86_64"
     qemu_props: tuple[str, ...] = ()  # extra "key=value" properties of the QEMU -device
+    poll_us: int | None = None  # builtin: the remote's --poll-us (None: its default)
     qemu_extra: tuple[str, ...] = ()  # extra QEMU arguments (checked: never a second device)
     #: the Python module run for the builtin backend (tests run a probe with the same argv)
     module: str = "mpqemu_mgmt.remote"

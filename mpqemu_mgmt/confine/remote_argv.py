@@ -128,6 +128,8 @@ class RemoteRequest(Protocol):
     @property
     def qemu_props(self) -> tuple[str, ...]: ...
     @property
+    def poll_us(self) -> int | None: ...
+    @property
     def qemu_extra(self) -> tuple[str, ...]: ...
     @property
     def module(self) -> str: ...
@@ -166,7 +168,7 @@ def inner_argv(request: RemoteRequest, profile: ConfinementProfile, fds: RemoteF
     if request.backend == "builtin":
         argv = builtin_argv(request.python, request.module, request.model, fds,
                             seccomp=profile.seccomp.value, transport=request.transport,
-                            readonly=request.readonly)
+                            readonly=request.readonly, poll_us=request.poll_us)
         if fds.seccomp_bpf is not None:
             argv += ["--seccomp-bpf-fd", str(fds.seccomp_bpf)]
         return argv
@@ -209,6 +211,7 @@ def builtin_argv(
     seccomp: str,
     transport: str = "mpqemu",
     readonly: bool = False,
+    poll_us: int | None = None,
 ) -> list[str]:
     if not _MODEL.match(model):
         raise UsageError(f"invalid device model {model!r}")
@@ -222,6 +225,8 @@ def builtin_argv(
         argv.append("--readonly")
     if transport != "mpqemu":
         argv += ["--transport", transport]
+    if poll_us is not None:
+        argv += ["--poll-us", str(poll_us)]
     argv += ["--seccomp", seccomp]
     check_one_device(argv, "builtin")
     return argv

@@ -48,6 +48,8 @@ _QEMU_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _PROP_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+#: the remote's own bound on --poll-us (remote/__main__.py)
+MAX_POLL_US: Final = 10_000
 _UNIT_MIB: Final = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024, "": 1}
 
 _TOP_KEYS: Final = frozenset(
@@ -55,7 +57,8 @@ _TOP_KEYS: Final = frozenset(
 )
 _BOOT_KEYS: Final = frozenset({"kernel", "initrd", "cmdline"})
 _DEVICE_KEYS: Final = frozenset(
-    {"id", "model", "backend", "transport", "on_failure", "backing", "readonly", "props", "remote"}
+    {"id", "model", "backend", "transport", "on_failure", "backing", "readonly", "props", "remote",
+     "poll_us"}
 )
 
 
@@ -82,6 +85,9 @@ class DeviceSpec:
     props: tuple[tuple[str, str], ...] = ()
     #: The remote process this device lives in; defaults to its own (the id).
     remote: str = ""
+    #: builtin remotes: their ``--poll-us`` (busy-poll window after a reply; 0 turns it off;
+    #: None keeps the remote's default, remote/polling.py)
+    poll_us: int | None = None
 
     @property
     def remote_name(self) -> str:
@@ -103,6 +109,8 @@ class DeviceSpec:
             out["props"] = dict(self.props)
         if self.remote:
             out["remote"] = self.remote
+        if self.poll_us is not None:
+            out["poll_us"] = self.poll_us
         return out
 
 
@@ -251,6 +259,14 @@ def device_from_dict(table: Mapping[str, Any], file: str = "<spec>", where: str 
             raise _err(file, f"{where}props.{pkey}", f"must not contain ',' or '=' (got {sval!r})")
         props.append((pkey, sval))
     remote = _string(table, "remote", where, file, default="") or ""
+    poll_us = table.get("poll_us")
+    if poll_us is not None:
+        if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
+            raise _err(file, f"{where}poll_us",
+                       f"must be an integer from 0 to {MAX_POLL_US} (got {poll_us!r})")
+        if backend != "builtin":
+            raise _err(file, f"{where}poll_us",
+                       "applies to builtin remotes only (QEMU's x-remote has no such option)")
     return DeviceSpec(
         id=dev_id,
         model=model,
@@ -261,6 +277,7 @@ def device_from_dict(table: Mapping[str, Any], file: str = "<spec>", where: str 
         readonly=readonly,
         props=tuple(props),
         remote=remote,
+        poll_us=poll_us,
     )
 
 
@@ -393,6 +410,10 @@ def device_from_pairs(pairs: list[str], file: str = "<command line>") -> DeviceS
             if value not in ("true", "false"):
                 raise _err(file, key, f"must be true or false (got {value!r})")
             table[key] = value == "true"
+        elif key == "poll_us":
+            if not value.isdigit():
+                raise _err(file, key, f"must be an integer from 0 to {MAX_POLL_US} (got {value!r})")
+            table[key] = int(value)
         else:
             table[key] = value
     if props:

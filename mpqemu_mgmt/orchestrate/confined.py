@@ -29,12 +29,13 @@ from mpqemu_mgmt.orchestrate.qemu_argv import GuestPaths
 from mpqemu_mgmt.orchestrate.runtime import RemoteRuntime
 
 
-def _request(device: DeviceSpec, *, qmp_path: str, log_path: str, qemu_binary: str,
+def launch_request(device: DeviceSpec, *, qmp_path: str, log_path: str, qemu_binary: str,
              connected: socket.socket | None = None) -> LaunchRequest:
+    """What the launcher gets for one device of a guest spec."""
     return LaunchRequest(
         device_id=device.id, model=device.model, qmp_path=Path(qmp_path), backend=device.backend,
         transport=device.transport, backing=(Path(device.backing),) if device.backing else (),
-        readonly=device.readonly, qemu_binary=qemu_binary,
+        readonly=device.readonly, qemu_binary=qemu_binary, poll_us=device.poll_us,
         qemu_props=tuple(f"{k}={v}" for k, v in device.props), log_path=Path(log_path),
         connected=connected,
     )
@@ -54,7 +55,7 @@ class ConfinedLauncher:
                 connected.close()
             raise OrchestrationError(f"confined launch of {device_id} needs its device spec",
                                      device=device_id)
-        request = _request(device, qmp_path=qmp_path, log_path=log_path, qemu_binary=qemu_binary,
+        request = launch_request(device, qmp_path=qmp_path, log_path=log_path, qemu_binary=qemu_binary,
                            connected=connected)
         # from here on the launcher owns ``connected`` (closed after the hand-over on every path)
         handle = await asyncio.to_thread(launch, request, profile_for(device.backend, self._base))
@@ -78,7 +79,7 @@ class ConfinedLauncher:
     def command(self, spec: GuestSpec, device: DeviceSpec, paths: GuestPaths) -> tuple[str, ...]:
         """What :meth:`launch` will execute for ``device``: confine.launcher's own command line,
         with ``{fd:NAME}`` placeholders for the fd numbers (RemoteRuntime.fds after the launch)."""
-        request = _request(device, qmp_path=paths.remote_qmp(device.id),
+        request = launch_request(device, qmp_path=paths.remote_qmp(device.id),
                            log_path=paths.remote_log(device.id), qemu_binary=spec.qemu_binary)
         return tuple(planned_command(request, profile_for(device.backend, self._base)))
 

@@ -103,6 +103,8 @@ def remote_argv(spec: GuestSpec, dev: DeviceSpec, paths: GuestPaths) -> tuple[st
             argv += ["--backing-fd", BACKING_FD_PLACEHOLDER]
             if dev.readonly:
                 argv += ["--readonly"]
+        if dev.poll_us is not None:
+            argv += ["--poll-us", str(dev.poll_us)]
         argv += ["--seccomp", "enforce"]
         return tuple(argv)
     props = "".join(f",{k}={v}" for k, v in dev.props)

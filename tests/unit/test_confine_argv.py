@@ -27,6 +27,8 @@ def test_builtin_argv_matches_contract() -> None:
                     "--fd", "4", "--qmp-fd", "5", "--backing-fd", "6", "--seccomp", "enforce"]
     argv = builtin_argv("py", "m", "edu", RemoteFds(4, 5), seccomp="log", transport="vfio-user")
     assert argv[-4:] == ["--transport", "vfio-user", "--seccomp", "log"]
+    argv = builtin_argv("py", "m", "edu", RemoteFds(4, 5), seccomp="enforce", poll_us=0)
+    assert argv[-4:] == ["--poll-us", "0", "--seccomp", "enforce"]
 
 
 def test_qemu_argv() -> None:

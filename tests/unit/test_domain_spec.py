@@ -77,6 +77,12 @@ BAD = [
      "device[0].props.bus", "not a settable"),
     ('[[device]]\nid = "a"\nmodel = "edu"\n[[device]]\nid = "a"\nmodel = "edu"', "device[1].id", "duplicate"),
     ('name2 = 1', "name2", "unknown key"),
+    ('[[device]]\nid = "a"\nmodel = "edu"\npoll_us = -1', "device[0].poll_us", "from 0 to 10000"),
+    ('[[device]]\nid = "a"\nmodel = "edu"\npoll_us = 10001', "device[0].poll_us", "from 0 to 10000"),
+    ('[[device]]\nid = "a"\nmodel = "edu"\npoll_us = true', "device[0].poll_us", "from 0 to 10000"),
+    ('[[device]]\nid = "a"\nmodel = "edu"\npoll_us = "50"', "device[0].poll_us", "from 0 to 10000"),
+    ('[[device]]\nid = "a"\nmodel = "e1000"\nbackend = "qemu"\npoll_us = 0', "device[0].poll_us",
+     "builtin remotes only"),
 ]
 
 
@@ -144,6 +150,17 @@ def test_device_from_pairs() -> None:
                                                                         (("x", "1"),), True)
     with pytest.raises(SpecError, match="KEY=VALUE"):
         device_from_pairs(["id"])
+
+
+def test_poll_us_from_toml_pairs_and_back() -> None:
+    spec = parse_spec(_with('[[device]]\nid = "a"\nmodel = "edu"\npoll_us = 0'), "g.toml")
+    [*_, dev] = spec.devices
+    assert dev.poll_us == 0 and dev.to_dict()["poll_us"] == 0
+    assert "poll_us" not in parse_spec(GOOD).devices[0].to_dict()  # unset: the remote's default
+    assert device_from_pairs(["id=t1", "model=edu", "poll_us=50"]).poll_us == 50
+    for bad in ("x", "-1", "1.5", "99999"):
+        with pytest.raises(SpecError, match=r"poll_us: must be an integer from 0 to 10000"):
+            device_from_pairs(["id=t1", "model=edu", f"poll_us={bad}"])
 
 
 def test_with_device_checks_duplicates() -> None:
