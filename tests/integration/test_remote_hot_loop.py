@@ -138,7 +138,7 @@ def test_qmp_answers_while_the_proxy_is_busy_and_when_it_is_idle(
     # looked at every HOT_LOOK (20 ms): a generous bound for a loaded 2-core host
     assert max(took) < 1.0, took
     if served.poll.max_window:  # the busy requests were found by polling
-        assert served.poll.hits > 1000, served.poll.status()
+        assert served.poll.hits > 500, served.poll.status()
     else:  # it was the hot read that served them
         assert served.hot_reads > 1000 and served.poll.hits == 0
     time.sleep(0.1)  # idle: the hot read times out, the loop waits in poll

