@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mpqemu_mgmt.devices.virtio.constants import BLK_S_OK, BLK_T_IN, BLK_T_OUT
+from mpqemu_mgmt.procfs import proc_cpu_ticks
 from mpqemu_mgmt.testing import pinning
 from mpqemu_mgmt.testing.virtio_blk_remotes import Attached, attach, builtin_blk, stock_blk
 from mpqemu_mgmt.testing.virtio_driver import Request, VirtioBlkDriver
@@ -98,9 +99,11 @@ def both(
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time of the whole process, every thread (proc(5) stat utime + stime)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of the whole process, every thread."""
+    ticks = proc_cpu_ticks(pid)
+    if ticks is None:
+        raise SystemExit(f"remote {pid} is gone")
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:

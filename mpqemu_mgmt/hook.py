@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mpqemu_mgmt.procfs import pid_alive
 from mpqemu_mgmt.service.paths import StatePaths
 
 # Only what every call needs is imported up front: json, the records and ElementTree cost tens of
@@ -138,20 +139,14 @@ def token_valid(paths: StatePaths, guest: str, now: float | None = None) -> bool
         return False
     if age > TOKEN_MAX_AGE:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by another uid
-    return True
+    return pid_alive(pid)  # (a service of another uid counts as alive)
 
 
 def reap(paths: StatePaths, guest: str, record_path: Path | None = None) -> list[int]:
     """SIGKILL the remotes recorded for ``guest`` whose pid still names the same process."""
     import json
 
-    from mpqemu_mgmt.service.procfs import proc_start_time
+    from mpqemu_mgmt.procfs import proc_start_time
     from mpqemu_mgmt.service.records import GuestRecord
 
     try:

@@ -38,6 +38,7 @@ from mpqemu_mgmt.guestkit.watch_guest import (
     watch_images,
     watch_spec_toml,
 )
+from mpqemu_mgmt.procfs import pid_alive
 
 NAMES = {
     EDU: "edu (ours, builtin remote)",
@@ -113,12 +114,6 @@ def _bus_lines(bus: dict[str, str], highlight: set[str]) -> list[str]:
         mark = "»" if vd in highlight else " "
         lines.append(f"   {mark} {bdf}  {vd}  {NAMES.get(vd, '')}")
     return lines
-
-
-def _alive(pid: int) -> bool:
-    from mpqemu_mgmt.service.procfs import proc_start_time
-
-    return proc_start_time(pid) is not None
 
 
 async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> None:
@@ -257,9 +252,9 @@ async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> Non
         t0 = time.monotonic()
         await call("stop", name="demo", force=True)
         deadline = time.monotonic() + 5
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        left = [p for p in pids if _alive(p)]
+        left = [p for p in pids if pid_alive(p)]
         if left:
             summary.ok = False
             raise ProcessFailed(f"processes left after stop: {left}", pids=left)
@@ -274,8 +269,8 @@ async def _demo(out: Callable[[str], None], root: Path, summary: Summary) -> Non
 
 
 def _reap_leftovers(state: Path) -> None:
+    from mpqemu_mgmt.procfs import proc_start_time
     from mpqemu_mgmt.service.paths import StatePaths
-    from mpqemu_mgmt.service.procfs import proc_start_time
     from mpqemu_mgmt.service.store import StateStore
 
     for rec in StateStore(StatePaths(state, state)).load_all():

@@ -55,7 +55,6 @@ from mpqemu_mgmt.orchestrate.processes import (
     ProcessLauncher,
     RemoteLauncher,
     open_pidfd,
-    pid_alive,
     prepare_dir,
     resolve_user,
     terminate,
@@ -66,6 +65,7 @@ from mpqemu_mgmt.orchestrate.processes import (
 from mpqemu_mgmt.orchestrate.qemu_argv import GuestPaths
 from mpqemu_mgmt.orchestrate.runner import Runner, RunReport, StepHook, close_quietly
 from mpqemu_mgmt.orchestrate.runtime import GuestRuntime, RemoteRuntime
+from mpqemu_mgmt.procfs import pid_alive
 
 if TYPE_CHECKING:  # libvirt_host imports libvirt; the direct driver must work without it
     from mpqemu_mgmt.domain.libvirt_host import LibvirtGuest, LibvirtHost

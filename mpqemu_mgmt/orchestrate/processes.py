@@ -28,6 +28,7 @@ from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec
 from mpqemu_mgmt.errors import MpqemuError, ProcessFailed, StepTimeout
 from mpqemu_mgmt.orchestrate.qemu_argv import GuestPaths, fill, remote_argv
 from mpqemu_mgmt.orchestrate.runtime import RemoteRuntime
+from mpqemu_mgmt.procfs import pid_alive
 
 
 @dataclass
@@ -61,23 +62,6 @@ def open_pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except OSError:
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

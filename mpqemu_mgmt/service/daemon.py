@@ -41,12 +41,12 @@ from mpqemu_mgmt.orchestrate.heartbeat import (
 from mpqemu_mgmt.orchestrate.plans import RemoteCommand
 from mpqemu_mgmt.orchestrate.processes import ProcessLauncher
 from mpqemu_mgmt.orchestrate.runtime import GuestRuntime
+from mpqemu_mgmt.procfs import proc_start_time
 from mpqemu_mgmt.service.audit import AuditEntry, AuditLog
 from mpqemu_mgmt.service.control import ControlServer, Peer, Progress
 from mpqemu_mgmt.service.events import EventLog
 from mpqemu_mgmt.service.metrics import render, write_metrics
 from mpqemu_mgmt.service.paths import StatePaths
-from mpqemu_mgmt.service.procfs import proc_start_time
 from mpqemu_mgmt.service.records import DeviceRecord, GuestRecord, ProcRecord
 from mpqemu_mgmt.service.store import StateStore
 from mpqemu_mgmt.service.supervisor import MAIN, Supervisor

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from mpqemu_mgmt.service.procfs import proc_start_time
+from mpqemu_mgmt.procfs import proc_start_time
 
 
 @dataclass

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from mpqemu_mgmt.service.procfs import proc_start_time
+from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.service_fixture import Service, service, write_spec
 
 __all__ = ["service"]
@@ -30,10 +30,6 @@ def started(svc: Service, name: str, *devices: dict[str, str]) -> dict[str, obje
     return svc.cli("status", name)[1]  # type: ignore[no-any-return]
 
 
-def alive(pid: int) -> bool:
-    return proc_start_time(pid) is not None
-
-
 def test_sigstop_remote_detected_within_2s_killed_then_pause(service: Service) -> None:
     st = started(service, "p1", dev("pause"))
     pid = st["devices"][0]["pid"]  # type: ignore[index]
@@ -46,10 +42,10 @@ def test_sigstop_remote_detected_within_2s_killed_then_pause(service: Service) -
     service.wait_event("p1", "dead", "t0", timeout=5)
     paused = service.wait_event("p1", "paused", timeout=10)
     assert "t0" in (paused["device"] or "") or paused["device"] == "t0"
-    assert not alive(pid)  # a hung remote blocks its guest's vCPU: it must be killed
+    assert not pid_alive(pid)  # a hung remote blocks its guest's vCPU: it must be killed
     _, st, _ = service.cli("status", "p1")
     assert st["state"] == "paused" and st["devices"][0]["health"] == "failed"
-    assert alive(st["pid"])  # the guest itself is kept, paused, for the operator
+    assert pid_alive(st["pid"])  # the guest itself is kept, paused, for the operator
     # `start` ensures running: it resumes the paused guest (and is then idempotent again)
     _, res, _ = service.cli("start", "p1")
     assert res["changed"] is True and res["state"] == "running"
@@ -81,7 +77,7 @@ def test_ignore_policy_keeps_guest_running(service: Service) -> None:
     service.wait_event("i1", "ignored", "t0", timeout=5)
     _, st, _ = service.cli("status", "i1")
     assert st["state"] == "running" and st["devices"][0]["health"] == "failed"
-    assert alive(st["pid"])
+    assert pid_alive(st["pid"])
 
 
 def test_sigkill_main_qemu_marks_crashed_and_reaps_remotes(service: Service) -> None:
@@ -90,9 +86,9 @@ def test_sigkill_main_qemu_marks_crashed_and_reaps_remotes(service: Service) -> 
     os.kill(st["pid"], signal.SIGKILL)  # type: ignore[arg-type]
     service.wait_event("c1", "crashed", timeout=10)
     deadline = time.monotonic() + 5
-    while any(alive(p) for p in remotes) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in remotes) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(alive(p) for p in remotes)
+    assert not any(pid_alive(p) for p in remotes)
     _, st, _ = service.cli("status", "c1")
     assert st["state"] == "crashed" and "main QEMU" in st["reason"]
     assert all(d["pid"] is None for d in st["devices"])
@@ -112,7 +108,7 @@ def test_service_killed_and_restarted_readopts_without_disturbing(service: Servi
     time.sleep(0.3)
     # the guests do not notice: every process is still the same process
     for main, remote in before.values():
-        assert alive(main) and alive(remote)
+        assert pid_alive(main) and pid_alive(remote)
     # r1's remote dies while nobody watches: the restarted service must find out and apply on_failure
     os.kill(before["r1"][1], signal.SIGKILL)
     t_restart = time.time()
@@ -124,7 +120,7 @@ def test_service_killed_and_restarted_readopts_without_disturbing(service: Servi
     service.wait_event("r1", "dead", "t0", timeout=10, after=t_restart)
     service.wait_event("r1", "stopped", timeout=15, after=t_restart)
     assert service.cli("status", "r1")[1]["state"] == "stopped"
-    assert not alive(before["r1"][0])
+    assert not pid_alive(before["r1"][0])
     # the adopted guest is fully managed again: stop works and leaves nothing
     service.cli("stop", "r2", "--force")
     assert service.leftovers() == []
@@ -140,7 +136,7 @@ def test_sigstopped_main_qemu_is_reported_never_killed(service: Service) -> None
         ev = service.wait_event("u1", "unresponsive", timeout=5, after=t0)
         assert ev["device"] is None and ev["time"] - t0 < 2.0
         time.sleep(1.0)
-        assert alive(main)  # type: ignore[arg-type]  # a busy or blocked main QEMU is reported, not killed
+        assert pid_alive(main)  # type: ignore[arg-type]  # a busy or blocked main QEMU is reported, not killed
     finally:
         t1 = time.time()  # before SIGCONT: the answer may be recorded before this process runs again
         os.kill(main, signal.SIGCONT)  # type: ignore[arg-type]

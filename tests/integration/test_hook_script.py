@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from mpqemu_mgmt.hook import HOOK_NAME, install
+from mpqemu_mgmt.procfs import proc_start_time
 from mpqemu_mgmt.service.paths import StatePaths
-from mpqemu_mgmt.service.procfs import proc_start_time
 from mpqemu_mgmt.service.records import DeviceRecord, GuestRecord, ProcRecord
 from mpqemu_mgmt.service.store import StateStore
 

@@ -16,7 +16,7 @@ from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, parse_spec
 from mpqemu_mgmt.errors import MigrationRefused, MpqemuError, OrchestrationError
 from mpqemu_mgmt.orchestrate.driver import DirectDriver, GuestRuntime
 from mpqemu_mgmt.orchestrate.plans import Step, plan_for
-from mpqemu_mgmt.orchestrate.processes import pid_alive
+from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.orchestrate_helpers import processes_under, state_root  # noqa: F401
 
 RUN_AS = "nobody" if os.geteuid() == 0 else None

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
+from mpqemu_mgmt.procfs import proc_cpu_ticks
 from mpqemu_mgmt.protocol import UINT64_MAX, SysmemRegion
 from mpqemu_mgmt.testing.builtin_remote import BuiltinRemote
 from mpqemu_mgmt.testing.proxysim import ProxySim, memfd_region
@@ -113,12 +114,6 @@ def test_protocol_error_exits_1(tmp_path: Path) -> None:
 # -- adaptive polling (remote/polling.py) -----------------------------------------------------------
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of ``pid`` in clock ticks (proc(5) stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 @pytest.mark.parametrize("poll_us", [None, "0"])
 def test_back_to_back_requests_are_found_by_polling(tmp_path: Path, poll_us: str | None) -> None:
     """The real remote, confined by its own seccomp filter (sched_yield, MSG_DONTWAIT allowed):
@@ -132,9 +127,11 @@ def test_back_to_back_requests_are_found_by_polling(tmp_path: Path, poll_us: str
                 assert px.config_read(0, 4) == 0x00051B36
             [st] = run_qmp(path, ("x-device-status", None))
             # an idle guest costs no polling: the window closes, the loop sleeps in poll
-            before = cpu_ticks(remote.pid)
+            before = proc_cpu_ticks(remote.pid)
             time.sleep(1.0)
-            assert cpu_ticks(remote.pid) - before <= 5  # at most 50 ms of CPU in 1 s idle
+            after = proc_cpu_ticks(remote.pid)
+            assert before is not None and after is not None
+            assert after - before <= 5  # at most 50 ms of CPU in 1 s idle
         assert remote.wait(5) == 0 and "Traceback" not in remote.log_text()
     poll = st["loop"]["poll"]
     if poll_us is None:  # the default window: up to 200 us

@@ -28,14 +28,10 @@ from mpqemu_mgmt.guestkit.watch_guest import (
     slot_of,
     slot_view,
 )
-from mpqemu_mgmt.service.procfs import proc_start_time
+from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.service_fixture import Service, service
 
 __all__ = ["service"]
-
-
-def alive(pid: int) -> bool:
-    return proc_start_time(pid) is not None
 
 
 def wait_bus(console: Path, want: set[str], timeout: float = 90) -> None:
@@ -94,7 +90,7 @@ def test_restart_readopt_then_hang_replug_hotplug_and_main_crash(service: Servic
     # 1. the service dies; the guest and its remotes do not notice
     service.kill(signal.SIGKILL)
     time.sleep(0.3)
-    assert alive(main) and all(alive(p) for p in pids.values())
+    assert pid_alive(main) and all(pid_alive(p) for p in pids.values())
     t_restart = time.time()
     service.start()
     service.wait_event("fg", "adopted", timeout=15, after=t_restart)
@@ -111,7 +107,7 @@ def test_restart_readopt_then_hang_replug_hotplug_and_main_crash(service: Servic
     print(f"\nDETECTION hung remote, re-adopted guest: {(hung['time'] - t0) * 1000:.0f} ms")
     assert hung["time"] - t0 < 2.0
     service.wait_event("fg", "replugged", "lsi0", timeout=60, after=t0)
-    assert not alive(pids["lsi0"])
+    assert not pid_alive(pids["lsi0"])
     _, st, _ = service.cli("status", "fg")
     lsi = next(d for d in st["devices"] if d["id"] == "lsi0")
     assert lsi["pid"] != pids["lsi0"] and lsi["restarts"] == 1
@@ -158,9 +154,9 @@ def test_restart_readopt_then_hang_replug_hotplug_and_main_crash(service: Servic
     os.kill(main, signal.SIGKILL)
     service.wait_event("fg", "crashed", timeout=10)
     deadline = time.monotonic() + 5
-    while any(alive(p) for p in remotes) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in remotes) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(alive(p) for p in remotes)
+    assert not any(pid_alive(p) for p in remotes)
     assert service.cli("status", "fg")[1]["state"] == "crashed"
     assert service.leftovers() == []
     kinds = [e["kind"] for e in service.events("fg")]

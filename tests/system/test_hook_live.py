@@ -44,7 +44,7 @@ import pytest
 
 from mpqemu_mgmt.guestkit.watch_guest import EDU, place_images, read_pci_sets, watch_images, watch_spec_toml
 from mpqemu_mgmt.hook import DEFAULT_HOOKS_DIR, HOOK_NAME
-from mpqemu_mgmt.service.procfs import proc_start_time
+from mpqemu_mgmt.procfs import pid_alive, proc_start_time
 from tests.integration.service_fixture import Service, service
 from tests.system.libvirt_fixture import URI, ensure_libvirtd
 from tests.system.test_service_libvirt_replug import enumerations
@@ -223,10 +223,6 @@ def live_hook(service: Service) -> Iterator[LiveHook]:
         lock.close()
 
 
-def alive(pid: int) -> bool:
-    return proc_start_time(pid) is not None
-
-
 def domstate(name: str) -> str:
     p = virsh("domstate", name)
     return p.stdout.strip() if p.returncode == 0 else "absent"
@@ -265,13 +261,13 @@ def test_hook_inside_libvirtd(service: Service, live_hook: LiveHook) -> None:
         assert domstate(name) == "running"
         _, st, _ = service.cli("status", name)
         main, remote = st["pid"], st["devices"][0]["pid"]
-        assert alive(main) and alive(remote)
+        assert pid_alive(main) and pid_alive(remote)
         wait_until(lambda: any(EDU in s.values() for s in read_pci_sets(console)), 90, "guest never saw edu")
 
         # 3. libvirtd restarts under the running guest: reconnect hook, the guest keeps running
         restart_libvirtd(live_hook.env, "-f", str(live_hook.conf))
         assert domstate(name) == "running"
-        assert alive(main) and alive(remote)
+        assert pid_alive(main) and pid_alive(remote)
         # ... and the service still manages it through the new libvirtd: a SIGKILLed remote is
         # replugged (device_del, DEVICE_DELETED from the guest, getfd + device_add) over a fresh
         # connection, and the guest's kernel enumerates the edu anew
@@ -283,19 +279,19 @@ def test_hook_inside_libvirtd(service: Service, live_hook: LiveHook) -> None:
                    and EDU in (read_pci_sets(console) or [{}])[-1].values(), 30,
                    "the guest's kernel did not enumerate the edu again")
         remote = service.cli("status", name)[1]["devices"][0]["pid"]
-        assert alive(main) and alive(remote)
+        assert pid_alive(main) and pid_alive(remote)
 
         # 4. the service goes away (its guests stay); the remote is SIGSTOPped, so it cannot leave
         #    by itself on the socket's EOF when QEMU dies (Contract 1): only the release hook's
         #    SIGKILL can end it
         service.kill(signal.SIGTERM)
-        assert alive(remote)
+        assert pid_alive(remote)
         os.kill(remote, signal.SIGSTOP)
         assert virsh("destroy", name).returncode == 0
         deadline = time.monotonic() + 5
-        while alive(remote) and time.monotonic() < deadline:
+        while pid_alive(remote) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not alive(remote) and not alive(main)
+        assert not pid_alive(remote) and not pid_alive(main)
 
         calls = live_hook.calls()
         ours = calls.of(name)

@@ -13,15 +13,11 @@ import time
 
 import pytest
 
-from mpqemu_mgmt.service.procfs import proc_start_time
+from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.service_fixture import Service, service, write_spec
 from tests.system.libvirt_fixture import URI, ensure_libvirtd
 
 __all__ = ["service"]
-
-
-def alive(pid: int) -> bool:
-    return proc_start_time(pid) is not None
 
 
 def domstate(name: str) -> str:
@@ -61,9 +57,9 @@ def test_service_with_libvirt_driver(service: Service) -> None:
         os.kill(st["pid"], signal.SIGKILL)
         service.wait_event(name, "crashed", timeout=15)
         deadline = time.monotonic() + 5
-        while any(alive(p) for p in remotes) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in remotes) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(alive(p) for p in remotes)
+        assert not any(pid_alive(p) for p in remotes)
 
         service.cli("start", name)
         assert domstate(name) == "running"

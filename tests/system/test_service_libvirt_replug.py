@@ -32,15 +32,11 @@ from mpqemu_mgmt.guestkit.watch_guest import (
     watch_images,
     watch_spec_toml,
 )
-from mpqemu_mgmt.service.procfs import proc_start_time
+from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.service_fixture import Service, service
 from tests.system.libvirt_fixture import URI, ensure_libvirtd
 
 __all__ = ["service"]
-
-
-def alive(pid: int) -> bool:
-    return proc_start_time(pid) is not None
 
 
 def domstate(name: str) -> str:
@@ -106,13 +102,13 @@ def test_replug_under_libvirt_with_a_real_guest(service: Service) -> None:
         print(f"\nREPLUG (libvirt driver, real guest): dead detected in {(dead['time'] - t0) * 1000:.0f} ms, "
               f"replugged after {replugged['time'] - t0:.1f} s")
         assert dead["time"] - t0 < 1.0
-        assert not alive(old)
+        assert not pid_alive(old)
         _, st, _ = service.cli("status", name)
         dev = st["devices"][0]
-        assert dev["pid"] and dev["pid"] != old and alive(dev["pid"]) and dev["restarts"] == 1
+        assert dev["pid"] and dev["pid"] != old and pid_alive(dev["pid"]) and dev["restarts"] == 1
         conf = dev["confinement"]
         assert conf.get("seccomp") and conf.get("namespaces") and conf.get("uid") not in (None, 0), conf
-        assert st["pid"] == main and alive(main) and domstate(name) == "running"
+        assert st["pid"] == main and pid_alive(main) and domstate(name) == "running"
         service.wait_event(name, "healthy", "edu0", timeout=15, after=replugged["time"])
 
         # the guest saw the edu come back: its kernel enumerated it anew in its slot, exactly once
@@ -123,7 +119,7 @@ def test_replug_under_libvirt_with_a_real_guest(service: Service) -> None:
         # stop: nothing of the guest is left
         service.cli("stop", name, "--force")
         assert domstate(name) == "shut off"
-        assert not alive(main) and not alive(dev["pid"])
+        assert not pid_alive(main) and not pid_alive(dev["pid"])
         assert service.leftovers() == []
         kinds = [e["kind"] for e in service.events(name)]
         for kind in ("running", "dead", "replugged", "healthy", "stopped"):
