@@ -13,6 +13,18 @@ import pytest
 URI = "qemu:///system"
 
 
+def virsh(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``virsh -c qemu:///system ARGV...``, output captured, never raising on its status."""
+    return subprocess.run(["virsh", "-c", URI, *argv], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def domstate(name: str) -> str:
+    """``virsh domstate``: "running", "shut off", ..., or "absent" when libvirt has no such domain."""
+    p = virsh("domstate", name, timeout=30)
+    return p.stdout.strip() if p.returncode == 0 else "absent"
+
+
 def _running(name: str) -> bool:
     return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
 

@@ -8,7 +8,7 @@ import pytest
 
 from mpqemu_mgmt.domain.model import Domain
 from mpqemu_mgmt.resources import data_dir
-from tests.system.libvirt_fixture import libvirt_host  # noqa: F401 - fixture
+from tests.system.libvirt_fixture import libvirt_host, virsh  # noqa: F401 - fixture
 
 XML = data_dir("xml")
 CASES = sorted(p.name[: -len("-out.xml")] for p in XML.glob("*-out.xml"))
@@ -43,17 +43,13 @@ def test_libvirtd_rejects_invalid(libvirt_host) -> None:  # noqa: F811
 @pytest.mark.parametrize("case", CASES)
 def test_virsh_define_validate(case: str, libvirt_host, tmp_path) -> None:  # noqa: F811
     """The literal operator command: ``virsh define --validate FILE``."""
-    import subprocess
-
     dom = Domain.parse((XML / f"{case}-out.xml").read_text())
     dom.name = f"mpqt-virsh-{case}-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "domain.xml"
     path.write_text(dom.to_xml())
-    define = subprocess.run(["virsh", "-c", "qemu:///system", "define", "--validate", str(path)],
-                            capture_output=True, text=True, timeout=60, check=False)
+    define = virsh("define", "--validate", str(path))
     try:
         assert define.returncode == 0, define.stderr
         assert f"Domain '{dom.name}' defined" in define.stdout
     finally:
-        subprocess.run(["virsh", "-c", "qemu:///system", "undefine", dom.name], capture_output=True,
-                       timeout=60, check=False)
+        virsh("undefine", dom.name)

@@ -46,7 +46,7 @@ from mpqemu_mgmt.guestkit.watch_guest import EDU, place_images, read_pci_sets, w
 from mpqemu_mgmt.hook import DEFAULT_HOOKS_DIR, HOOK_NAME
 from mpqemu_mgmt.procfs import pid_alive, proc_start_time
 from tests.integration.service_fixture import Service, service
-from tests.system.libvirt_fixture import URI, ensure_libvirtd
+from tests.system.libvirt_fixture import URI, domstate, ensure_libvirtd, virsh
 from tests.system.test_service_libvirt_replug import enumerations
 
 __all__ = ["service"]
@@ -54,11 +54,6 @@ __all__ = ["service"]
 LOCK = Path("/run/lock/mpqemu-mgmt-libvirtd.lock")  # serialises tests that restart libvirtd
 LOG_FILTERS = "1:util.hook 1:util.command"
 LOG_DIR = Path("/var/log/libvirt")
-
-
-def virsh(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["virsh", "-c", URI, *argv], capture_output=True, text=True, timeout=timeout,
-                          check=False)
 
 
 def libvirtd_pids() -> list[int]:
@@ -221,11 +216,6 @@ def live_hook(service: Service) -> Iterator[LiveHook]:
         admin("daemon-log-outputs", orig_outputs)
         log.unlink(missing_ok=True)
         lock.close()
-
-
-def domstate(name: str) -> str:
-    p = virsh("domstate", name)
-    return p.stdout.strip() if p.returncode == 0 else "absent"
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:

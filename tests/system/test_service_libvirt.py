@@ -8,22 +8,15 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import subprocess
 import time
 
 import pytest
 
 from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.service_fixture import Service, service, write_spec
-from tests.system.libvirt_fixture import URI, ensure_libvirtd
+from tests.system.libvirt_fixture import domstate, ensure_libvirtd, virsh
 
 __all__ = ["service"]
-
-
-def domstate(name: str) -> str:
-    p = subprocess.run(["virsh", "-c", URI, "domstate", name], capture_output=True, text=True, timeout=30,
-                       check=False)
-    return p.stdout.strip() if p.returncode == 0 else "absent"
 
 
 def test_service_with_libvirt_driver(service: Service) -> None:
@@ -69,5 +62,5 @@ def test_service_with_libvirt_driver(service: Service) -> None:
         assert domstate(name) == "absent"
         assert service.leftovers() == []
     finally:
-        subprocess.run(["virsh", "-c", URI, "destroy", name], capture_output=True, timeout=30, check=False)
-        subprocess.run(["virsh", "-c", URI, "undefine", name], capture_output=True, timeout=30, check=False)
+        virsh("destroy", name, timeout=30)
+        virsh("undefine", name, timeout=30)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -34,15 +33,9 @@ from mpqemu_mgmt.guestkit.watch_guest import (
 )
 from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.service_fixture import Service, service
-from tests.system.libvirt_fixture import URI, ensure_libvirtd
+from tests.system.libvirt_fixture import URI, domstate, ensure_libvirtd, virsh
 
 __all__ = ["service"]
-
-
-def domstate(name: str) -> str:
-    p = subprocess.run(["virsh", "-c", URI, "domstate", name], capture_output=True, text=True, timeout=30,
-                       check=False)
-    return p.stdout.strip() if p.returncode == 0 else "absent"
 
 
 def enumerations(console: Path) -> int:
@@ -126,5 +119,5 @@ def test_replug_under_libvirt_with_a_real_guest(service: Service) -> None:
             assert kind in kinds, kinds
     finally:
         service.cli("stop", name, "--force", check=False, timeout=60)
-        subprocess.run(["virsh", "-c", URI, "destroy", name], capture_output=True, timeout=30, check=False)
-        subprocess.run(["virsh", "-c", URI, "undefine", name], capture_output=True, timeout=30, check=False)
+        virsh("destroy", name, timeout=30)
+        virsh("undefine", name, timeout=30)
