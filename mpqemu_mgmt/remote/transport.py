@@ -1,4 +1,5 @@
-"""The mpqemu IO shell: the only code in mpqemu-mgmt that calls recvmsg/sendmsg on an mpqemu socket.
+"""The mpqemu IO shell: the only code in mpqemu-mgmt that reads and writes an mpqemu socket (the
+SCM_RIGHTS helpers it shares with the vfio-user transport are in remote/scm.py).
 
 It drives a sans-IO endpoint (:mod:`mpqemu_mgmt.protocol.endpoint`) over a connected, blocking
 AF_UNIX SOCK_STREAM socket, reading the way mpqemu_msg_recv does (hw/remote/mpqemu-link.c):
@@ -15,7 +16,7 @@ AF_UNIX SOCK_STREAM socket, reading the way mpqemu_msg_recv does (hw/remote/mpqe
   ``EINTR`` is retried (also by Python itself, PEP 475).
 
 Sending mirrors mpqemu_msg_send: the fds ride on the first ``sendmsg``; the rest of the bytes
-follow without fds.
+follow without fds (remote/scm.py ``send_with_fds``).
 
 The remote role has a fast path for the messages a guest access produces (PCI_CFGREAD/WRITE,
 BAR_READ/WRITE, DEVICE_RESET) and their RET: the same two reads into preallocated buffers, the
@@ -39,7 +40,6 @@ It must not interpret messages beyond that: the endpoint and the codec stay the 
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import select
@@ -71,9 +71,9 @@ from mpqemu_mgmt.protocol.messages import (
     encode,
 )
 from mpqemu_mgmt.protocol.wire import Cmd
+from mpqemu_mgmt.remote.scm import cmsg_space, fds_from_ancillary, send_with_fds
 
-_FD_SIZE = array.array("i").itemsize
-CMSG_SPACE = socket.CMSG_SPACE(wire.SOCKET_MAX_FDS * _FD_SIZE)
+CMSG_SPACE = cmsg_space(wire.SOCKET_MAX_FDS)
 
 # The fast path's commands and their only valid payload sizes (mpqemu_msg_valid in
 # hw/remote/mpqemu-link.c: BAR accesses carry a BarAccessMsg, config accesses a PciConfDataMsg;
@@ -121,16 +121,6 @@ def wrap_fd(fd: int) -> OwnedFd:
     return OwnedFd(fd, os.close)
 
 
-def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % _FD_SIZE])
-            fds.extend(arr)
-    return fds
-
-
 class Transport:
     """Blocking message IO for one endpoint role over one connected socket."""
 
@@ -169,7 +159,7 @@ class Transport:
                 break
             except InterruptedError:
                 continue
-        fds = FdBundle.adopt(_fds_from_ancillary(ancdata), os.close)
+        fds = FdBundle.adopt(fds_from_ancillary(ancdata), os.close)
         return data, fds, bool(flags & socket.MSG_CTRUNC)
 
     def _recv_payload_chunk(self, n: int) -> bytes:
@@ -317,7 +307,7 @@ class Transport:
                     self._feed(bytes(self._payload[:got]), FdBundle(), False)
                 self._feed(b"", FdBundle(), False)
                 return -1
-        fds = FdBundle.adopt(_fds_from_ancillary(ancdata), os.close) if ancdata else FdBundle()
+        fds = FdBundle.adopt(fds_from_ancillary(ancdata), os.close) if ancdata else FdBundle()
         self._feed(bytes(header[:n]), fds, bool(flags & _MSG_CTRUNC))
         return -1
 
@@ -423,15 +413,7 @@ class Transport:
                 frames[value] = data
             else:
                 data, _ = encode(msg)  # validates like the endpoint (ProtocolError when it cannot)
-        sock = self.sock
-        while True:
-            try:
-                sent = sock.send(data)
-                break
-            except InterruptedError:
-                continue
-        if sent < len(data):
-            self.send_raw(data[sent:])
+        self._send_frame(data)
 
     def send_ret_value(self, value: int) -> None:
         """The RET (8-byte payload) for the fast-path request :meth:`read_request` returned.
@@ -444,33 +426,22 @@ class Transport:
             self.send_message(Ret(value))  # the same checks, and the frame is cached for next time
             return
         self._fast_due = False
-        sock = self.sock
+        self._send_frame(data)
+
+    def send_raw(self, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
+        """Write ``data`` with ``fds`` attached to the first sendmsg (mpqemu_msg_send)."""
+        send_with_fds(self.sock, data, fds)
+
+    def _send_frame(self, data: bytes) -> None:
+        """A cached RET frame, no fds: plain ``send`` (cheaper than sendmsg on the hot path)."""
         while True:
             try:
-                sent = sock.send(data)
+                sent = self.sock.send(data)
                 break
             except InterruptedError:
                 continue
         if sent < len(data):
-            self.send_raw(data[sent:])
-
-    def send_raw(self, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
-        """Write ``data`` with ``fds`` attached to the first sendmsg (mpqemu_msg_send)."""
-        view = memoryview(data)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        while True:
-            try:
-                sent = self.sock.sendmsg([view], anc)
-                break
-            except InterruptedError:
-                continue
-        view = view[sent:]
-        while view:
-            try:
-                sent = self.sock.send(view)
-            except InterruptedError:
-                continue
-            view = view[sent:]
+            send_with_fds(self.sock, data[sent:])
 
     def close(self) -> None:
         """Close the endpoint's held fds and any undelivered events' fds; the socket is the caller's."""

@@ -12,7 +12,6 @@ It must not interpret messages beyond the header: that is the endpoint's and the
 
 from __future__ import annotations
 
-import array
 import contextlib
 import heapq
 import itertools
@@ -28,36 +27,13 @@ from mpqemu_mgmt.protocol.fds import FdBundle
 from mpqemu_mgmt.protocol.vfio_user import wire
 from mpqemu_mgmt.protocol.vfio_user.endpoint import ServerEndpoint
 from mpqemu_mgmt.protocol.vfio_user.wire import Header
-
-_FD_SIZE = array.array("i").itemsize
+from mpqemu_mgmt.remote.scm import cmsg_space, fds_from_ancillary, send_with_fds
 
 
 def close_fds(fds: tuple[int, ...] | list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-def send_all(sock: socket.socket, data: bytes, fds: tuple[int, ...] = ()) -> None:
-    """Send one whole message on a blocking socket; the fds ride on the first ``sendmsg``."""
-    view = memoryview(data)
-    if fds:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        n = sock.sendmsg([view], anc)
-        view = view[n:]
-    if view:
-        sock.sendall(view)
-
-
-def fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    """Every fd number in ``recvmsg``'s ancillary data (SCM_RIGHTS), in order; the caller owns them."""
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % _FD_SIZE])
-            fds.extend(arr)
-    return fds
 
 
 @dataclass(frozen=True)
@@ -75,7 +51,7 @@ class VfioUserTransport:
     def __init__(self, sock: socket.socket, endpoint: ServerEndpoint) -> None:
         self.sock = sock
         self.endpoint = endpoint
-        self._cmsg = socket.CMSG_SPACE(max(1, endpoint.caps.max_msg_fds) * _FD_SIZE)
+        self._cmsg = cmsg_space(max(1, endpoint.caps.max_msg_fds))
         self.sent = 0
         self.received = 0
 
@@ -91,7 +67,7 @@ class VfioUserTransport:
                 data, ancdata, flags, _ = self.sock.recvmsg(
                     wire.HEADER_SIZE - len(head), self._cmsg, socket.MSG_CMSG_CLOEXEC
                 )
-                fds += fds_from(ancdata)
+                fds += fds_from_ancillary(ancdata)
                 if flags & socket.MSG_CTRUNC:
                     raise TooManyFds("control data truncated: more fds than allowed")
                 if not data:
@@ -115,7 +91,7 @@ class VfioUserTransport:
 
     def send(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         """Send one whole message; fds ride on the first sendmsg."""
-        send_all(self.sock, data, fds)
+        send_with_fds(self.sock, data, fds)
         self.sent += 1
 
     def wait_readable(self, timeout: float | None, extra: tuple[int, ...] = ()) -> list[int]:

@@ -13,7 +13,6 @@ Test support only: never used by the service. Must not open anything itself afte
 from __future__ import annotations
 
 import argparse
-import array
 import errno
 import json
 import mmap
@@ -26,6 +25,7 @@ import time
 from typing import Any
 
 from mpqemu_mgmt.confine.lockdown import lock_down
+from mpqemu_mgmt.remote.scm import fds_from_ancillary
 
 
 def _do(cmd: dict[str, Any], sock: socket.socket, qmp: socket.socket) -> Any:
@@ -76,10 +76,7 @@ def _do(cmd: dict[str, Any], sock: socket.socket, qmp: socket.socket) -> Any:
     if op == "memfd":
         # the steady state of SYNC_SYSMEM: receive a RAM fd, map it shared, touch it
         _msg, anc, _, _ = sock.recvmsg(16, socket.CMSG_SPACE(4 * 4))
-        fds = array.array("i")
-        for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        fds = fds_from_ancillary(anc)
         try:
             size = os.fstat(fds[0]).st_size
             with mmap.mmap(fds[0], size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as ram:

@@ -19,7 +19,7 @@ from mpqemu_mgmt.errors import InvalidMessage, ProtocolError, TruncatedMessage
 from mpqemu_mgmt.protocol.vfio_user import codec, wire
 from mpqemu_mgmt.protocol.vfio_user import messages as m
 from mpqemu_mgmt.protocol.vfio_user.wire import Header
-from mpqemu_mgmt.remote.vfio_user_transport import fds_from, send_all
+from mpqemu_mgmt.remote.scm import fds_from_ancillary, send_with_fds
 
 QEMU_CAPABILITIES = {
     "max_msg_fds": 16,
@@ -56,7 +56,7 @@ class VfioUserClient:
 
     def recv(self) -> tuple[Header, bytes, tuple[int, ...]]:
         data, anc, _flags, _ = self.sock.recvmsg(16, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC)
-        fds = fds_from(anc)
+        fds = fds_from_ancillary(anc)
         if not data:
             raise TruncatedMessage("server closed the socket")
         head = data + self._recv_exact(16 - len(data))
@@ -64,7 +64,7 @@ class VfioUserClient:
         return header, self._recv_exact(header.payload_size), tuple(fds)
 
     def send_raw(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
-        send_all(self.sock, data, fds)
+        send_with_fds(self.sock, data, fds)
 
     def _serve_dma(self, header: Header, payload: bytes) -> None:
         req = codec.decode_server_request(header, payload)
