@@ -1,7 +1,8 @@
 """``ClosedOnExit``: the one ``with owner:`` → ``owner.close()`` mixin for every resource owner.
 
 Owned fds and fd bundles (protocol/fds.py), a virtqueue session's guest-RAM views
-(devices/virtio/ring.py) and ProxySim's socket all close what they still own on the way out of a
+(devices/virtio/ring.py), ProxySim's socket and the test harness's child processes
+(testing/logged_process.py) all close what they still own on the way out of a
 ``with`` block, whatever happened inside. Pure: imports nothing but typing helpers, so the
 sans-IO codec and the pure device models may use it.
 """

@@ -20,9 +20,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from mpqemu_mgmt.closing import ClosedOnExit
 
-class LoggedProcess:
-    """One child process that owns its log file; ``pass_fds`` are inherited and closed here."""
+
+class LoggedProcess(ClosedOnExit):
+    """One child process that owns its log file; ``pass_fds`` are inherited and closed here.
+    ``with process:`` stops it on the way out."""
 
     def __init__(
         self,
@@ -85,6 +88,9 @@ class LoggedProcess:
         if not self._log.closed:
             self._log.close()
         return self.proc.returncode
+
+    def close(self) -> None:
+        self.stop()
 
 
 P = TypeVar("P", bound=LoggedProcess)

@@ -23,7 +23,6 @@ import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from mpqemu_mgmt.errors import ProcessFailed
@@ -113,17 +112,6 @@ class StockRemote(LoggedProcess):
         # Closing our end is the polite stop: 7.2 exits on EOF (protocol.md §3.7).
         with on_socketpair(spawn, grace=1.0) as pair:
             yield pair
-
-    def __enter__(self) -> StockRemote:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- QMP (only a tiny synchronous client: enough to settle and to query) --------------------
 
