@@ -1,4 +1,4 @@
-"""Shared bits of the orchestration tests: short state roots, process scans, spec builders."""
+"""Shared bits of the orchestration tests: short state roots, process scans, fault injection."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from mpqemu_mgmt.errors import OrchestrationError
+from mpqemu_mgmt.orchestrate.plans import Step
 
 QEMU = shutil.which("qemu-system-x86_64")
 
@@ -37,6 +40,20 @@ def processes_under(root: Path) -> list[tuple[int, str]]:
         if needle in raw.decode(errors="replace") and state != "Z":
             found.append((int(entry), raw.replace(b"\0", b" ").decode(errors="replace")[:200]))
     return found
+
+
+class Injected(OrchestrationError):
+    """The failure a test injects before a plan step (a driver's ``before_step`` hook)."""
+
+
+def inject_before(at: int) -> Callable[[int, Step], None]:
+    """A ``before_step`` hook that raises :class:`Injected` before step ``at`` of each plan."""
+
+    def hook(index: int, step: Step) -> None:
+        if index == at:
+            raise Injected(f"injected before step {index} ({step.op.value} {step.command or ''})")
+
+    return hook
 
 
 def kill_all_under(root: Path) -> None:

@@ -13,11 +13,16 @@ from pathlib import Path
 import pytest
 
 from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, parse_spec
-from mpqemu_mgmt.errors import MigrationRefused, MpqemuError, OrchestrationError
+from mpqemu_mgmt.errors import MigrationRefused, MpqemuError
 from mpqemu_mgmt.orchestrate.driver import DirectDriver, GuestRuntime
-from mpqemu_mgmt.orchestrate.plans import Step, plan_for
+from mpqemu_mgmt.orchestrate.plans import plan_for
 from mpqemu_mgmt.procfs import pid_alive
-from tests.integration.orchestrate_helpers import processes_under, state_root  # noqa: F401
+from tests.integration.orchestrate_helpers import (  # noqa: F401
+    Injected,
+    inject_before,
+    processes_under,
+    state_root,
+)
 
 RUN_AS = "nobody" if os.geteuid() == 0 else None
 
@@ -109,23 +114,12 @@ def test_start_attach_reset_stop(machine: str, state_root: Path) -> None:  # noq
     asyncio.run(asyncio.wait_for(main(), 90))
 
 
-class Injected(OrchestrationError):
-    pass
-
-
-def _inject(at: int):  # type: ignore[no-untyped-def]
-    def hook(index: int, step: Step) -> None:
-        if index == at:
-            raise Injected(f"injected before step {index} ({step.op.value} {step.command or ''})")
-    return hook
-
-
 def test_failure_at_every_start_step_leaves_nothing(state_root: Path) -> None:  # noqa: F811
     steps = len(plan_for(spec(), "start").steps)
 
     async def main() -> None:
         for at in range(steps):
-            driver = DirectDriver(state_root, run_as=RUN_AS, before_step=_inject(at))
+            driver = DirectDriver(state_root, run_as=RUN_AS, before_step=inject_before(at))
             with pytest.raises(Injected) as info:
                 await driver.start(spec())
             assert "rolled_back" in info.value.details
@@ -143,7 +137,7 @@ def test_failure_at_every_attach_step_leaves_guest_as_it_was(state_root: Path) -
             dev = DeviceSpec(id="net1", model="e1000", backend="qemu")
             attach_steps = len(plan_for(runtime.spec, "attach", device=dev).steps)
             for at in range(attach_steps):
-                driver.before_step = _inject(at)
+                driver.before_step = inject_before(at)
                 with pytest.raises(Injected):
                     await driver.attach(runtime, dev)
                 driver.before_step = None

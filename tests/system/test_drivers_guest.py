@@ -17,7 +17,12 @@ from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, parse_spec
 from mpqemu_mgmt.orchestrate.channel import QmpChannel
 from mpqemu_mgmt.orchestrate.driver import DirectDriver, GuestRuntime, LibvirtDriver
 from mpqemu_mgmt.orchestrate.processes import pid_alive, wait_exit
-from tests.integration.orchestrate_helpers import processes_under, state_root  # noqa: F401
+from tests.integration.orchestrate_helpers import (  # noqa: F401
+    Injected,
+    inject_before,
+    processes_under,
+    state_root,
+)
 from tests.system.guest_fixture import EDU, LSI, TESTDEV, guest_images, wait_seen
 from tests.system.libvirt_fixture import ensure_libvirtd
 
@@ -125,21 +130,11 @@ def test_guest_lifecycle(driver_name: str, machine: str, state_root: Path) -> No
 def test_failures_during_unplug_and_hard_reset_leave_nothing_behind(state_root: Path) -> None:  # noqa: F811
     """A failure before each step of detach and of hard-reset: afterwards every device QEMU still has
     is served by a live remote, and no remote runs for a device QEMU no longer has."""
-    from mpqemu_mgmt.errors import OrchestrationError
     from mpqemu_mgmt.orchestrate.plans import Step, plan_for
 
     spec = guest_spec("direct", state_root / "images")
     driver = DirectDriver(state_root, run_as=RUN_AS)
     console = Path(state_root / spec.name / "console.log")
-
-    class Injected(OrchestrationError):
-        pass
-
-    def inject(at: int):  # type: ignore[no-untyped-def]
-        def hook(index: int, step: Step) -> None:
-            if index == at:
-                raise Injected(f"before step {index} {step.op.value}")
-        return hook
 
     async def plugged(runtime: GuestRuntime) -> set[str]:
         items = await (await driver.channel(runtime)).execute(
@@ -166,7 +161,7 @@ def test_failures_during_unplug_and_hard_reset_leave_nothing_behind(state_root: 
                 dev_id = f"t{at}"
                 await driver.attach(runtime, DeviceSpec(id=dev_id, model="pci-testdev", backend="qemu"))
                 await asyncio.to_thread(wait_seen, console, {TESTDEV})
-                driver.before_step = inject(at)
+                driver.before_step = inject_before(at)
                 with pytest.raises(Injected):
                     await driver.detach(runtime, dev_id)
                 driver.before_step = None
@@ -193,7 +188,7 @@ def test_failures_during_unplug_and_hard_reset_leave_nothing_behind(state_root: 
             for at in range(hard):
                 if "edu0" not in runtime.remotes:
                     break
-                driver.before_step = inject(at)
+                driver.before_step = inject_before(at)
                 with pytest.raises(Injected):
                     await driver.reset(runtime, "edu0")
                 driver.before_step = None

@@ -14,9 +14,14 @@ import pytest
 from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, parse_spec
 from mpqemu_mgmt.errors import MigrationRefused, OrchestrationError
 from mpqemu_mgmt.orchestrate.driver import GuestRuntime, LibvirtDriver
-from mpqemu_mgmt.orchestrate.plans import Step, plan_for
+from mpqemu_mgmt.orchestrate.plans import plan_for
 from mpqemu_mgmt.orchestrate.processes import pid_alive
-from tests.integration.orchestrate_helpers import processes_under, state_root  # noqa: F401
+from tests.integration.orchestrate_helpers import (  # noqa: F401
+    Injected,
+    inject_before,
+    processes_under,
+    state_root,
+)
 from tests.system.libvirt_fixture import libvirt_host  # noqa: F401
 
 
@@ -35,10 +40,6 @@ id = "lsi0"
 model = "lsi53c895a"
 backend = "qemu"
 """, "lv.toml")
-
-
-class Injected(OrchestrationError):
-    pass
 
 
 async def _ids(driver: LibvirtDriver, runtime: GuestRuntime) -> set[str]:
@@ -64,10 +65,7 @@ def test_libvirt_start_attach_reset_stop(machine: str, state_root: Path, libvirt
             bad = DeviceSpec(id="net9", model="e1000", backend="qemu")
             before = await _ids(driver, runtime)
             for at in range(len(plan_for(runtime.spec, "attach", device=bad).steps)):
-                def hook(index: int, step: Step, at: int = at) -> None:
-                    if index == at:
-                        raise Injected(f"before attach step {index}")
-                driver.before_step = hook
+                driver.before_step = inject_before(at)
                 with pytest.raises(Injected):
                     await driver.attach(runtime, bad)
                 driver.before_step = None
@@ -109,10 +107,7 @@ def test_libvirt_failure_at_every_start_step(state_root: Path, libvirt_host) -> 
     async def main() -> None:
         try:
             for at in range(steps):
-                def hook(index: int, step: Step, at: int = at) -> None:
-                    if index == at:
-                        raise Injected(f"before step {index}")
-                driver = LibvirtDriver(state_root, before_step=hook)
+                driver = LibvirtDriver(state_root, before_step=inject_before(at))
                 with pytest.raises(Injected):
                     await driver.start(s)
                 guest = driver.host(s.uri).lookup(s.name)
