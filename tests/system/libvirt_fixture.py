@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from mpqemu_mgmt.guestkit.watch_guest import place_images, watch_images, watch_spec_toml
+from tests.integration.service_fixture import Service
 
 URI = "qemu:///system"
 
@@ -23,6 +28,21 @@ def domstate(name: str) -> str:
     """``virsh domstate``: "running", "shut off", ..., or "absent" when libvirt has no such domain."""
     p = virsh("domstate", name, timeout=30)
     return p.stdout.strip() if p.returncode == 0 else "absent"
+
+
+def edu_watch_guest(service: Service, prefix: str, ready: str) -> tuple[str, Path, Path]:
+    """A libvirt-driver spec for a watch guest (guestkit/watch_guest.py) with our edu, written
+    into ``service.root``: its name, the spec file and where its console log will be. Skips the
+    test when the guest images cannot be made here."""
+    try:
+        kernel, initrd = place_images(service.root / "images", watch_images(ready=ready))
+    except Exception as exc:
+        pytest.skip(f"no test guest: {exc}")
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    spec = service.root / f"{name}.toml"
+    spec.write_text(watch_spec_toml(name, kernel, initrd, [("edu0", "edu", "builtin")],
+                                    driver="libvirt", uri=URI))
+    return name, spec, service.state / "guests" / name / "console.log"
 
 
 def _running(name: str) -> bool:

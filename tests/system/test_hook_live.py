@@ -29,7 +29,6 @@ import contextlib
 import fcntl
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -42,11 +41,11 @@ from pathlib import Path
 
 import pytest
 
-from mpqemu_mgmt.guestkit.watch_guest import EDU, place_images, read_pci_sets, watch_images, watch_spec_toml
+from mpqemu_mgmt.guestkit.watch_guest import EDU, read_pci_sets
 from mpqemu_mgmt.hook import DEFAULT_HOOKS_DIR, HOOK_NAME
 from mpqemu_mgmt.procfs import pid_alive, proc_start_time
 from tests.integration.service_fixture import Service, service
-from tests.system.libvirt_fixture import URI, domstate, ensure_libvirtd, virsh
+from tests.system.libvirt_fixture import domstate, edu_watch_guest, ensure_libvirtd, virsh
 from tests.system.test_service_libvirt_replug import enumerations
 
 __all__ = ["service"]
@@ -226,15 +225,7 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def test_hook_inside_libvirtd(service: Service, live_hook: LiveHook) -> None:
-    try:
-        kernel, initrd = place_images(service.root / "images", watch_images(ready="HOOK-READY"))
-    except Exception as exc:
-        pytest.skip(f"no test guest: {exc}")
-    name = f"mq-hook-{secrets.token_hex(3)}"
-    spec = service.root / f"{name}.toml"
-    spec.write_text(watch_spec_toml(name, kernel, initrd, [("edu0", "edu", "builtin")],
-                                    driver="libvirt", uri=URI))
-    console = service.state / "guests" / name / "console.log"
+    name, spec, console = edu_watch_guest(service, "mq-hook", "HOOK-READY")
     try:
         service.cli("define", str(spec))
         # 1. the designer's domain, defined by hand and started with plain virsh: refused, with reason

@@ -12,7 +12,6 @@ answers the heartbeat. Stopping the guest leaves no process of it behind.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import time
 from pathlib import Path
@@ -22,18 +21,15 @@ import pytest
 from mpqemu_mgmt.guestkit.watch_guest import (
     EDU,
     parse_enumerations,
-    place_images,
     read_console,
     read_pci_sets,
     reenumerated,
     slot_of,
     slot_view,
-    watch_images,
-    watch_spec_toml,
 )
 from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.service_fixture import Service, service
-from tests.system.libvirt_fixture import URI, domstate, ensure_libvirtd, virsh
+from tests.system.libvirt_fixture import domstate, edu_watch_guest, ensure_libvirtd, virsh
 
 __all__ = ["service"]
 
@@ -63,15 +59,7 @@ def test_replug_under_libvirt_with_a_real_guest(service: Service) -> None:
     reason = ensure_libvirtd()
     if reason is not None:
         pytest.skip(reason)
-    try:
-        kernel, initrd = place_images(service.root / "images", watch_images(ready="REPLUG-READY"))
-    except Exception as exc:
-        pytest.skip(f"no test guest: {exc}")
-    name = f"mq-rpl-{secrets.token_hex(3)}"
-    spec = service.root / f"{name}.toml"
-    spec.write_text(watch_spec_toml(name, kernel, initrd, [("edu0", "edu", "builtin")],
-                                    driver="libvirt", uri=URI))
-    console = service.state / "guests" / name / "console.log"
+    name, spec, console = edu_watch_guest(service, "mq-rpl", "REPLUG-READY")
     try:
         service.cli("define", str(spec))
         service.cli("start", name)
