@@ -16,7 +16,8 @@ import pytest
 from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, parse_spec
 from mpqemu_mgmt.orchestrate.channel import QmpChannel
 from mpqemu_mgmt.orchestrate.driver import DirectDriver, GuestRuntime, LibvirtDriver
-from mpqemu_mgmt.orchestrate.processes import pid_alive, wait_exit
+from mpqemu_mgmt.orchestrate.processes import wait_exit
+from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.orchestrate_helpers import (  # noqa: F401
     Injected,
     inject_before,

@@ -15,7 +15,7 @@ from mpqemu_mgmt.domain.spec import DeviceSpec, GuestSpec, parse_spec
 from mpqemu_mgmt.errors import MigrationRefused, OrchestrationError
 from mpqemu_mgmt.orchestrate.driver import GuestRuntime, LibvirtDriver
 from mpqemu_mgmt.orchestrate.plans import plan_for
-from mpqemu_mgmt.orchestrate.processes import pid_alive
+from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.orchestrate_helpers import (  # noqa: F401
     Injected,
     inject_before,

@@ -18,7 +18,8 @@ import pytest
 
 from mpqemu_mgmt.domain.spec import DeviceSpec, parse_spec
 from mpqemu_mgmt.orchestrate.driver import DirectDriver
-from mpqemu_mgmt.orchestrate.processes import ProcessLauncher, pid_alive
+from mpqemu_mgmt.orchestrate.processes import ProcessLauncher
+from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.orchestrate_helpers import processes_under, state_root  # noqa: F401
 from tests.system.guest_fixture import EDU, guest_images, wait_seen
 

@@ -30,7 +30,7 @@ from mpqemu_mgmt.domain.spec import GuestSpec, parse_spec
 from mpqemu_mgmt.guestkit.qemu11 import Qemu11
 from mpqemu_mgmt.orchestrate.driver import DirectDriver, GuestDriver
 from mpqemu_mgmt.orchestrate.heartbeat import Settings
-from mpqemu_mgmt.orchestrate.processes import pid_alive
+from mpqemu_mgmt.procfs import pid_alive
 from mpqemu_mgmt.service.control import Peer
 from mpqemu_mgmt.service.daemon import Daemon, service_launcher
 from mpqemu_mgmt.service.events import read_events
