@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from mpqemu_mgmt.domain.spec import GuestSpec, parse_spec
 from mpqemu_mgmt.guestkit.watch_guest import EDU, LSI, TESTDEV, place_images, read_pci_sets, watch_images
 
-__all__ = ["EDU", "LSI", "TESTDEV", "GuestImages", "guest_images", "pci_sets", "wait_seen"]
+__all__ = ["EDU", "LSI", "TESTDEV", "GuestImages", "guest_images", "pci_sets", "vfio_user_edu_spec",
+           "wait_seen"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,24 @@ def guest_images(into: Path) -> GuestImages:
     except Exception as exc:  # the guest kit is another engineer's: say why and skip
         pytest.skip(f"no test guest: {exc}")
     return GuestImages(*place_images(into, images))
+
+
+def vfio_user_edu_spec(name: str, qemu_binary: Path, img: GuestImages, device_extra: str = "") -> GuestSpec:
+    """A direct-boot guest on ``qemu_binary`` (QEMU 11.1) with our edu over vfio-user."""
+    return parse_spec(f"""
+name = "{name}"
+memory = "256M"
+qemu_binary = "{qemu_binary}"
+[boot]
+kernel = "{img.kernel}"
+initrd = "{img.initrd}"
+cmdline = "console=ttyS0 panic=-1 quiet"
+[[device]]
+id = "edu0"
+model = "edu"
+transport = "vfio-user"
+{device_extra}
+""", f"{name}.toml")
 
 
 def pci_sets(console: Path) -> list[set[str]]:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from mpqemu_mgmt.domain.spec import DeviceSpec, parse_spec
+from mpqemu_mgmt.domain.spec import DeviceSpec
 from mpqemu_mgmt.orchestrate.driver import DirectDriver
 from mpqemu_mgmt.orchestrate.processes import ProcessLauncher
 from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.orchestrate_helpers import processes_under, state_root  # noqa: F401
-from tests.system.guest_fixture import EDU, guest_images, wait_seen
+from tests.system.guest_fixture import EDU, guest_images, vfio_user_edu_spec, wait_seen
 
 TESTDEV = "0x1b36:0x0005"
 
@@ -41,19 +41,7 @@ def test_vfio_user_guest(state_root: Path) -> None:  # noqa: F811
         pytest.skip("needs root (bubblewrap over the sid root in root's cache)")
     wrapper = qemu11_wrapper(state_root)
     img = guest_images(state_root / "images")
-    spec = parse_spec(f"""
-name = "mpqt-vfu-{uuid.uuid4().hex[:6]}"
-memory = "256M"
-qemu_binary = "{wrapper}"
-[boot]
-kernel = "{img.kernel}"
-initrd = "{img.initrd}"
-cmdline = "console=ttyS0 panic=-1 quiet"
-[[device]]
-id = "edu0"
-model = "edu"
-transport = "vfio-user"
-""", "vfu.toml")
+    spec = vfio_user_edu_spec(f"mpqt-vfu-{uuid.uuid4().hex[:6]}", wrapper, img)
     driver = DirectDriver(state_root, run_as=None, launcher=ProcessLauncher(None))
     console = state_root / spec.name / "console.log"
 

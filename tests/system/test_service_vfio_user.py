@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from mpqemu_mgmt.domain.spec import GuestSpec, parse_spec
+from mpqemu_mgmt.domain.spec import GuestSpec
 from mpqemu_mgmt.guestkit.qemu11 import Qemu11
 from mpqemu_mgmt.orchestrate.driver import DirectDriver, GuestDriver
 from mpqemu_mgmt.orchestrate.heartbeat import Settings
@@ -36,7 +36,7 @@ from mpqemu_mgmt.service.daemon import Daemon, service_launcher
 from mpqemu_mgmt.service.events import read_events
 from mpqemu_mgmt.service.paths import StatePaths
 from tests.integration.orchestrate_helpers import processes_under, short_root
-from tests.system.guest_fixture import EDU, TESTDEV, guest_images, wait_seen
+from tests.system.guest_fixture import EDU, TESTDEV, guest_images, vfio_user_edu_spec, wait_seen
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="confined remotes (uid drop, bwrap) need root"),
@@ -73,20 +73,7 @@ def test_service_vfio_user_confined_supervised_replugged(qemu11: Qemu11) -> None
     wrapper = qemu11.write_wrapper(root / "qemu11.sh", binds=[root])
     img = guest_images(root / "images")
     name = f"vfs-{uuid.uuid4().hex[:6]}"
-    spec = parse_spec(f"""
-name = "{name}"
-memory = "256M"
-qemu_binary = "{wrapper}"
-[boot]
-kernel = "{img.kernel}"
-initrd = "{img.initrd}"
-cmdline = "console=ttyS0 panic=-1 quiet"
-[[device]]
-id = "edu0"
-model = "edu"
-transport = "vfio-user"
-on_failure = "replug"
-""", "vfs.toml")
+    spec = vfio_user_edu_spec(name, wrapper, img, 'on_failure = "replug"')
     paths = StatePaths(root / "st", root / "run")
     launcher = service_launcher()
     assert launcher is not None
