@@ -40,6 +40,7 @@ from mpqemu_mgmt.confine.launcher import LaunchRequest, launch, profile_for
 from mpqemu_mgmt.confine.profile import ConfinementProfile
 from mpqemu_mgmt.errors import MpqemuError
 from mpqemu_mgmt.testing import pinning
+from mpqemu_mgmt.testing.logged_process import wait_or_kill
 from mpqemu_mgmt.testing.proxysim import ProxySim
 
 
@@ -98,11 +99,7 @@ def bare(device: str, workdir: Path, seccomp: str, backend: str) -> Iterator[tup
         yield ProxySim(proxy_end), started
     finally:
         proxy_end.close()
-        try:
-            proc.wait(2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        wait_or_kill(proc, 2)
         with contextlib.suppress(FileNotFoundError):
             qmp_path.unlink()
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mpqemu_mgmt.testing import pinning
+from mpqemu_mgmt.testing.logged_process import wait_or_kill
 from mpqemu_mgmt.testing.proxysim import ProxySim
 from mpqemu_mgmt.testing.stock_remote import DEFAULT_QEMU, StockRemote, settle
 
@@ -53,11 +54,7 @@ def ours(device: str, workdir: Path, prefix: list[str]) -> Iterator[ProxySim]:
         yield ProxySim(proxy_end)
     finally:
         proxy_end.close()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        wait_or_kill(proc, 5)
 
 
 def time_batch(op: Callable[[], object], n: int) -> float:

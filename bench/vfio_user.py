@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mpqemu_mgmt.testing import pinning
+from mpqemu_mgmt.testing.logged_process import wait_or_kill
 from mpqemu_mgmt.testing.proxysim import ProxySim
 from mpqemu_mgmt.testing.vfio_user_client import VfioUserClient
 
@@ -46,11 +47,7 @@ def remote(transport: str, workdir: Path) -> Iterator[socket.socket]:
         yield mine
     finally:
         mine.close()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        wait_or_kill(proc, 5)
 
 
 def per_call_us(op: Callable[[], object], n: int) -> float:

@@ -49,6 +49,7 @@ from mpqemu_mgmt.protocol.vfio_user import codec, wire
 from mpqemu_mgmt.protocol.vfio_user import messages as m
 from mpqemu_mgmt.protocol.vfio_user.wire import Command, Header
 from mpqemu_mgmt.remote.vfio_user_serve import serve_vfio_user
+from mpqemu_mgmt.testing.logged_process import wait_or_kill
 from mpqemu_mgmt.testing.vfio_user_client import QEMU_CAPABILITIES, VfioUserClient
 
 MODELS = ("pci-testdev", "edu", "virtio-blk")
@@ -339,12 +340,9 @@ class _Session:
     def close(self) -> None:
         self.client.close()
         if self.proc is not None:
-            try:
-                rc = self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                rc = self.proc.wait()
+            if not wait_or_kill(self.proc, 20):
                 self.report.crashes.append(f"{self.model}: remote process hung after the client closed")
+            rc = self.proc.returncode
             err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
             if self.proc.stderr:
                 self.proc.stderr.close()

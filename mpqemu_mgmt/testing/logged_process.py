@@ -18,9 +18,21 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mpqemu_mgmt.closing import ClosedOnExit
+
+
+def wait_or_kill(proc: subprocess.Popen[Any], timeout: float) -> bool:
+    """Wait up to ``timeout`` for ``proc`` to exit; else SIGKILL it and reap it (again up to
+    ``timeout``). True when it exited by itself; the status is ``proc.returncode``."""
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+        return False
 
 
 class LoggedProcess(ClosedOnExit):
@@ -80,11 +92,7 @@ class LoggedProcess(ClosedOnExit):
         """Terminate, then kill, then reap; close the log. Returns the exit status. Idempotent."""
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+            wait_or_kill(self.proc, timeout)
         if not self._log.closed:
             self._log.close()
         return self.proc.returncode

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mpqemu_mgmt.errors import ProcessFailed
+from mpqemu_mgmt.testing.logged_process import wait_or_kill
 
 
 class VfioUserRemote:
@@ -119,12 +120,8 @@ class VfioUserRemote:
         with contextlib.suppress(OSError):
             self._listener.close()
         rc = None
-        if self.proc is not None:
-            try:
-                rc = self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None and wait_or_kill(self.proc, timeout):
+            rc = self.proc.returncode  # None when it hung and was killed
         self._thread.join(1)
         shutil.rmtree(self.dir, ignore_errors=True)
         return rc

@@ -26,6 +26,7 @@ import pytest
 from mpqemu_mgmt.confine import lockdown, seccomp_loader
 from mpqemu_mgmt.confine.profile import SeccompMode
 from mpqemu_mgmt.errors import ConfinementError
+from mpqemu_mgmt.testing.logged_process import wait_or_kill
 from mpqemu_mgmt.testing.proxysim import ProxySim
 
 pytestmark = pytest.mark.timeout(60)
@@ -142,11 +143,7 @@ def remote_with_bpf(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], s
         yield proc, proxy
     finally:
         proxy.close()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        wait_or_kill(proc, 5)
 
 
 def test_remote_loads_the_precompiled_filter_without_libseccomp(
