@@ -244,9 +244,8 @@ class Remote:
                             yield_cpu()
                     if cmd != _NONE:
                         poll.hit()
-                polled = cmd != _NONE
-                if polled:
-                    pass
+                if cmd != _NONE:
+                    pass  # polling found it
                 elif hot and not pending and not irq.level:
                     try:
                         cmd = read_request()

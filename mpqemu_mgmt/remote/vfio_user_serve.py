@@ -536,7 +536,9 @@ class VfioUserSession:
         unmask = self._unmask_fd()
         extra = [] if unmask is None else [unmask]
         qmp_fds = self.qmp.filenos() if self.qmp is not None else []
-        if self._replied and self.poll.window and (wait is None or wait > 0) and self._poll_socket():
+        may_poll = self._replied and self.poll.window and (wait is None or wait > 0)
+        polled = bool(may_poll) and self._poll_socket()
+        if polled:
             wait = 0  # a message is there: look at the other fds without sleeping, then read it
         ready = self.transport.wait_readable(wait, (*extra, *qmp_fds))
         if unmask is not None and unmask in ready and drain_eventfd(unmask) and self.device.intx.unmask():
@@ -549,7 +551,7 @@ class VfioUserSession:
                 self.qmp.announce_shutdown()
                 return False
         if self.transport.fileno() in ready:
-            if self._replied and wait != 0:
+            if self._replied and not polled:
                 self.poll.came_late(time.monotonic() - self._replied)
             raw = self.transport.recv_message()
             if raw is None:
