@@ -23,6 +23,7 @@ from typing import Any, Final, Literal, cast
 from urllib.parse import urlsplit
 
 from mpqemu_mgmt.errors import NonLocalUri, OneDevicePerProcess, SpecError
+from mpqemu_mgmt.remote.polling import MAX_POLL_US
 
 Machine = Literal["pc", "q35"]
 Accel = Literal["kvm", "tcg"]
@@ -48,8 +49,6 @@ _QEMU_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _PROP_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
-#: the remote's own bound on --poll-us (remote/__main__.py)
-MAX_POLL_US: Final = 10_000
 _UNIT_MIB: Final = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024, "": 1}
 
 _TOP_KEYS: Final = frozenset(

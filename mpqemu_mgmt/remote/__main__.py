@@ -31,7 +31,7 @@ import sys
 from typing import IO, NoReturn
 
 from mpqemu_mgmt.errors import EXIT_INTERRUPTED, MpqemuError, UsageError
-from mpqemu_mgmt.remote.polling import DEFAULT_MAX_WINDOW
+from mpqemu_mgmt.remote.polling import DEFAULT_MAX_WINDOW, MAX_POLL_US
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -100,8 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _poll_us(text: str) -> float:
     value = float(text)
-    if not 0 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 10000 microseconds")
+    if not 0 <= value <= MAX_POLL_US:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and {MAX_POLL_US} microseconds")
     return value
 
 

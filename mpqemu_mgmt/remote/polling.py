@@ -39,6 +39,9 @@ GROW_START = 4e-6
 #: interrupt came 60-100 us later in bench/virtio_blk.py), so the window is longer
 DEFAULT_MAX_WINDOW = 200e-6
 
+#: the largest ``--poll-us`` (and spec ``poll_us``) accepted: 10 ms of spinning per reply
+MAX_POLL_US = 10_000
+
 #: long gaps in a row before the window shrinks (see the module docstring)
 SHRINK_AFTER = 2
 
