@@ -10,10 +10,12 @@ confinement beyond the remote's own ``--seccomp`` option.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from mpqemu_mgmt.testing.logged_process import LoggedProcess, on_socketpair
 
@@ -67,3 +69,18 @@ class BuiltinRemote(LoggedProcess):
 
         with on_socketpair(spawn, grace=2.0) as pair:
             yield pair
+
+
+def device_status(qmp_path: str | Path, timeout: float = 10.0) -> dict[str, Any]:
+    """``x-device-status`` from an in-tree remote's QMP monitor, over a plain socket (a test
+    client: greeting, ``qmp_capabilities``, the command)."""
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(timeout)
+        c.connect(str(qmp_path))
+        with c.makefile("rwb") as f:
+            f.readline()  # the greeting
+            f.write(b'{"execute": "qmp_capabilities"}\n{"execute": "x-device-status"}\n')
+            f.flush()
+            f.readline()
+            status: dict[str, Any] = json.loads(f.readline())["return"]
+            return status

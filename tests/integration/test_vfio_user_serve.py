@@ -20,6 +20,7 @@ import pytest
 from mpqemu_mgmt.errors import ProtocolError
 from mpqemu_mgmt.protocol.vfio_user import wire
 from mpqemu_mgmt.remote.vfio_user_serve import serve_vfio_user
+from mpqemu_mgmt.testing.builtin_remote import device_status
 from mpqemu_mgmt.testing.vfio_user_client import ErrorReply, VfioUserClient
 
 CMD = 0x04
@@ -267,22 +268,6 @@ def remote_process(model: str, *args: str, keep: tuple[int, ...] = ()) -> Iterat
             proc.stderr.close()
 
 
-def _device_status(path: str) -> dict[str, object]:
-    """x-device-status over a raw QMP connection."""
-    import json
-
-    with socket.socket(socket.AF_UNIX) as c:
-        c.settimeout(10)
-        c.connect(path)
-        with c.makefile("rwb") as f:
-            f.readline()  # greeting
-            f.write(b'{"execute": "qmp_capabilities"}\n{"execute": "x-device-status"}\n')
-            f.flush()
-            f.readline()
-            reply: dict[str, object] = json.loads(f.readline())["return"]
-            return reply
-
-
 @pytest.mark.parametrize("poll_us", [None, "0"])
 def test_vfio_user_requests_are_found_by_polling(tmp_path: Path, poll_us: str | None) -> None:
     """The vfio-user loop polls the socket after each reply like the mpqemu one (polling.py),
@@ -296,8 +281,7 @@ def test_vfio_user_requests_are_found_by_polling(tmp_path: Path, poll_us: str | 
                                   *extra, keep=(listener.fileno(),)) as c:
         for _ in range(300):
             assert c.config_read(0, 4) == 0x00051B36
-        status = _device_status(qmp)
-        poll = status["loop"]["poll"]  # type: ignore[index]
+        poll = device_status(qmp)["loop"]["poll"]
         if poll_us is None:
             assert poll["max_us"] == 200.0 and poll["hits"] > 60, poll  # most, on a quiet host
         else:

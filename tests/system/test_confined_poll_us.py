@@ -6,10 +6,8 @@ seccomp enforce); ProxySim drives it, its own QMP monitor reports the polling wi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,24 +15,12 @@ import pytest
 from mpqemu_mgmt.confine.launcher import LaunchRequest, launch, profile_for
 from mpqemu_mgmt.domain.spec import device_from_pairs
 from mpqemu_mgmt.orchestrate.confined import launch_request
+from mpqemu_mgmt.testing.builtin_remote import device_status
 from mpqemu_mgmt.testing.proxysim import ProxySim
 
 _SKIP = ("confined launches need root" if os.geteuid() != 0
          else "bubblewrap is not installed" if shutil.which("bwrap") is None else None)
 pytestmark = [pytest.mark.skipif(_SKIP is not None, reason=_SKIP or ""), pytest.mark.timeout(60)]
-
-
-def device_status(path: Path) -> dict[str, object]:
-    with socket.socket(socket.AF_UNIX) as c:
-        c.settimeout(10)
-        c.connect(str(path))
-        with c.makefile("rwb") as f:
-            f.readline()
-            f.write(b'{"execute": "qmp_capabilities"}\n{"execute": "x-device-status"}\n')
-            f.flush()
-            f.readline()
-            status: dict[str, object] = json.loads(f.readline())["return"]
-            return status
 
 
 @pytest.mark.parametrize(("pairs", "max_us"), [
@@ -51,7 +37,7 @@ def test_spec_poll_us_reaches_the_confined_remote(tmp_path: Path, pairs: list[st
         with ProxySim(remote.proxy) as px:
             for _ in range(100):
                 assert px.config_read(0, 4) == 0x00051B36
-            poll = device_status(req.qmp_path)["loop"]["poll"]  # type: ignore[index]
+            poll = device_status(req.qmp_path)["loop"]["poll"]
         assert poll["max_us"] == max_us, poll
         if max_us:
             assert poll["hits"] > 20, poll  # most, on a quiet host
