@@ -22,6 +22,14 @@ class GuestImages:
     kernel: Path
     initrd: Path
 
+    def boot_toml(self) -> str:
+        """The spec's ``[boot]`` table for these images, serial console on ttyS0."""
+        return f"""[boot]
+kernel = "{self.kernel}"
+initrd = "{self.initrd}"
+cmdline = "console=ttyS0 panic=-1 quiet"
+"""
+
 
 def guest_images(into: Path) -> GuestImages:
     """Kernel + initramfs copied to ``into`` (readable by the unprivileged QEMU user)."""
@@ -38,11 +46,7 @@ def vfio_user_edu_spec(name: str, qemu_binary: Path, img: GuestImages, device_ex
 name = "{name}"
 memory = "256M"
 qemu_binary = "{qemu_binary}"
-[boot]
-kernel = "{img.kernel}"
-initrd = "{img.initrd}"
-cmdline = "console=ttyS0 panic=-1 quiet"
-[[device]]
+{img.boot_toml()}[[device]]
 id = "edu0"
 model = "edu"
 transport = "vfio-user"

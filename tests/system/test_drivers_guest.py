@@ -40,11 +40,7 @@ machine = "{machine}"
 accel = "tcg"
 driver = "{driver}"
 {extra}
-[boot]
-kernel = "{img.kernel}"
-initrd = "{img.initrd}"
-cmdline = "console=ttyS0 panic=-1 quiet"
-[[device]]
+{img.boot_toml()}[[device]]
 id = "edu0"
 model = "edu"
 backend = "builtin"
