@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 from mpqemu_mgmt.errors import OrchestrationError
+from mpqemu_mgmt.orchestrate.driver import GuestDriver
 from mpqemu_mgmt.orchestrate.plans import Step
+from mpqemu_mgmt.orchestrate.runtime import GuestRuntime
+from mpqemu_mgmt.procfs import pid_alive
 
 QEMU = shutil.which("qemu-system-x86_64")
 
@@ -54,6 +57,20 @@ def inject_before(at: int) -> Callable[[int, Step], None]:
             raise Injected(f"injected before step {index} ({step.op.value} {step.command or ''})")
 
     return hook
+
+
+async def force_stop(driver: GuestDriver, runtime: GuestRuntime) -> list[int]:
+    """``stop --force`` the guest; the pids it had (main QEMU, every remote), for :func:`assert_gone`."""
+    pids = [runtime.pid, *(r.pid for r in runtime.remotes.values())]
+    await driver.stop(runtime, force=True)
+    return pids
+
+
+def assert_gone(pids: list[int], root: Path) -> None:
+    """None of ``pids`` runs, and no process of ours under ``root`` is left."""
+    for pid in pids:
+        assert not pid_alive(pid)
+    assert processes_under(root) == []
 
 
 def kill_all_under(root: Path) -> None:

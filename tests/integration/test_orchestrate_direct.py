@@ -19,6 +19,8 @@ from mpqemu_mgmt.orchestrate.plans import plan_for
 from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.orchestrate_helpers import (  # noqa: F401
     Injected,
+    assert_gone,
+    force_stop,
     inject_before,
     processes_under,
     state_root,
@@ -104,11 +106,8 @@ def test_start_attach_reset_stop(machine: str, state_root: Path) -> None:  # noq
             assert await _ids(driver2, adopted) >= {"tdev", "lsi0", "net0"}
             runtime, driver = adopted, driver2
         finally:
-            pids = [runtime.pid, *(r.pid for r in runtime.remotes.values())]
-            await driver.stop(runtime, force=True)
-        for pid in pids:
-            assert not pid_alive(pid)
-        assert processes_under(state_root) == []
+            pids = await force_stop(driver, runtime)
+        assert_gone(pids, state_root)
         assert not list(state_root.glob("*/*.sock")) and not list(state_root.glob("*/*.qmp"))
 
     asyncio.run(asyncio.wait_for(main(), 90))
@@ -193,8 +192,7 @@ def test_confined_remotes(state_root: Path) -> None:  # noqa: F811
             assert await _ids(driver, runtime) >= {"edu0", "lsi0", "t1"}
             await driver.reset(runtime)
         finally:
-            pids = [runtime.pid, *(r.pid for r in runtime.remotes.values())]
-            await driver.stop(runtime, force=True)
+            pids = await force_stop(driver, runtime)
         for pid in pids:
             assert not pid_alive(pid)
 

@@ -20,6 +20,8 @@ from mpqemu_mgmt.orchestrate.processes import wait_exit
 from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.orchestrate_helpers import (  # noqa: F401
     Injected,
+    assert_gone,
+    force_stop,
     inject_before,
     processes_under,
     state_root,
@@ -107,12 +109,9 @@ def test_guest_lifecycle(driver_name: str, machine: str, state_root: Path) -> No
             assert (await device_status(new.qmp_path))["messages"].get("PciConfigRead", 0) > 0
             await asyncio.to_thread(wait_seen, console, {EDU, TESTDEV}, {LSI})
         finally:
-            pids = [runtime.pid, *(r.pid for r in runtime.remotes.values())]
-            await driver.stop(runtime, force=True)
+            pids = await force_stop(driver, runtime)
         # 6. stop: no process left.
-        for pid in pids:
-            assert not pid_alive(pid)
-        assert processes_under(state_root) == []
+        assert_gone(pids, state_root)
 
     async def undefine() -> None:
         if isinstance(driver, LibvirtDriver):

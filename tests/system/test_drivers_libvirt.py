@@ -18,6 +18,8 @@ from mpqemu_mgmt.orchestrate.plans import plan_for
 from mpqemu_mgmt.procfs import pid_alive
 from tests.integration.orchestrate_helpers import (  # noqa: F401
     Injected,
+    assert_gone,
+    force_stop,
     inject_before,
     processes_under,
     state_root,
@@ -88,11 +90,8 @@ def test_libvirt_start_attach_reset_stop(machine: str, state_root: Path, libvirt
                 await (await driver.channel(runtime)).execute("migrate", {"uri": "exec:cat >/dev/null"},
                                                                timeout=10)
         finally:
-            pids = [runtime.pid, *(r.pid for r in runtime.remotes.values())]
-            await driver.stop(runtime, force=True)
-        for pid in pids:
-            assert not pid_alive(pid)
-        assert processes_under(state_root) == []
+            pids = await force_stop(driver, runtime)
+        assert_gone(pids, state_root)
 
     try:
         asyncio.run(asyncio.wait_for(main(), 120))
