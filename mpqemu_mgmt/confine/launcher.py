@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import select
 import shutil
 import signal
@@ -38,12 +39,20 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Literal
 
 import mpqemu_mgmt
-from mpqemu_mgmt.confine import credentials, lockdown, namespaces, remote_argv, seccomp_loader, violations
+from mpqemu_mgmt.confine import (
+    credentials,
+    lockdown,
+    namespaces,
+    remote_argv,
+    seccomp_loader,
+    staging,
+    violations,
+)
 from mpqemu_mgmt.confine.profile import (
     AppliedConfinement,
     ConfinementProfile,
@@ -225,14 +234,47 @@ def _host_symlinks() -> tuple[tuple[str, str], ...]:
     return tuple(links)
 
 
+def _code_dirs(request: LaunchRequest) -> list[str]:
+    """Where a builtin remote's code comes from: our package, the policies, the venv and the
+    interpreter's directory; or only the staged copy it runs from (staging.py)."""
+    if request.backend != "builtin":
+        return []
+    python = Path(request.python)
+    if python.is_relative_to(staging.STAGE_ROOT):
+        return [str(python.parent.parent)]  # the copy's venv: its python links into /usr
+    package = Path(mpqemu_mgmt.__file__).resolve().parent
+    paths = [str(package), str(data_dir("policies").resolve()), str(Path(sys.prefix).resolve())]
+    paths.append(str(python.parent.resolve()) if not python.is_relative_to(sys.prefix) else "")
+    return paths
+
+
+def _with_reachable_code(request: LaunchRequest, ids: tuple[int, int] | None) -> LaunchRequest:
+    """``request``, or the same run from the staged copy of the code when the remote's uid and
+    gid (``ids``; None: no uid drop) cannot search a directory on the way to the code."""
+    if ids is None:
+        return request
+    if all(credentials.unreachable_ancestor(p, *ids) is None for p in _code_dirs(request) if p):
+        return request
+    return replace(request, python=staging.staged_python())
+
+
+def _planned_ids(profile: ConfinementProfile) -> tuple[int, int] | None:
+    """The ids :func:`credentials.resolve` would give, without creating the user: an unknown user
+    owns nothing, so (-1, -1) is judged by the 'other' permission bits, as its ids would be."""
+    if os.geteuid() != 0:
+        return None
+    if profile.uid is not None and profile.gid is not None:
+        return profile.uid, profile.gid
+    try:
+        entry = pwd.getpwnam(profile.user)
+    except KeyError:
+        return -1, -1
+    return entry.pw_uid, entry.pw_gid
+
+
 def _code_paths(request: LaunchRequest, profile: ConfinementProfile) -> tuple[str, ...]:
-    """Read-only host paths the remote needs: our package, the policies, the venv, ld.so.cache."""
-    paths: list[str] = []
-    if request.backend == "builtin":
-        package = Path(mpqemu_mgmt.__file__).resolve().parent
-        paths += [str(package), str(data_dir("policies").resolve()), str(Path(sys.prefix).resolve())]
-        python = Path(request.python)
-        paths.append(str(python.parent.resolve()) if not python.is_relative_to(sys.prefix) else "")
+    """Read-only host paths the remote needs: its code (:func:`_code_dirs`), ld.so.cache."""
+    paths = _code_dirs(request)
     if Path("/etc/ld.so.cache").exists():  # ctypes.util.find_library (pyseccomp) runs ldconfig -p
         paths.append("/etc/ld.so.cache")
     paths += list(profile.ro_binds)
@@ -339,6 +381,7 @@ def planned_command(request: LaunchRequest, profile: ConfinementProfile) -> list
     for path in request.backing:
         with contextlib.suppress(OSError):
             size = max(size, os.stat(path).st_size)
+    request = _with_reachable_code(request, _planned_ids(profile))
     return remote_argv.confined_command(request, profile, launch_host(request, profile),
                                         remote_argv.remote_fds_shape(request, profile), backing_size=size)
 
@@ -370,6 +413,9 @@ def launch(request: LaunchRequest, profile: ConfinementProfile) -> LaunchedRemot
         remote_argv.validate_id(request.device_id)
         started_usec = violations.monotonic_usec()
         creds = credentials.resolve(profile)
+        request = _with_reachable_code(request, (creds.uid, creds.gid) if creds.drop else None)
+        if Path(request.python).is_relative_to(staging.STAGE_ROOT):
+            staging.ensure_staged()
         if request.connected is None:
             proxy, remote = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             owned.append(remote.detach())
