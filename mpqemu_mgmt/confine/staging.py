@@ -4,8 +4,8 @@ Why: bwrap runs after the uid drop (credentials.py), so every path it binds into
 be searchable by the remote's uid. A checkout in a 0700 directory (``/root``, ``mktemp -d``)
 is not. The launcher then runs the remote from a root-owned, read-only copy instead: a bare venv
 (no pip, symlinked to the same base interpreter) whose site-packages hold ``mpqemu_mgmt`` and its
-``policies/``. The remote imports nothing else: the launcher hands it the seccomp program
-precompiled (``--seccomp-bpf-fd``), so pyseccomp is not needed inside.
+``policies/``, and pyseccomp for a remote that compiles its own filter (the launcher usually hands
+it the program precompiled, ``--seccomp-bpf-fd``). The remote imports nothing else.
 
 The copy is named by a digest of everything in it (and the interpreter), built once in a
 temporary directory next to it and renamed into place, so concurrent launchers agree and a
@@ -20,6 +20,7 @@ from __future__ import annotations
 import compileall
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -45,6 +46,11 @@ def _sources() -> list[tuple[Path, str]]:
     policies = data_dir("policies")
     out += [(p, str(Path("mpqemu_mgmt/_data/policies") / p.relative_to(policies)))
             for p in sorted(policies.rglob("*")) if p.is_file()]
+    # pyseccomp (one pure-Python module over libseccomp): a remote started without
+    # --seccomp-bpf-fd compiles its own filter (lockdown.compile_in_child)
+    spec = importlib.util.find_spec("pyseccomp")
+    if spec is not None and spec.origin is not None and spec.submodule_search_locations is None:
+        out.append((Path(spec.origin), "pyseccomp.py"))
     return out
 
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-import mpqemu_mgmt
 from mpqemu_mgmt.confine import violations
 from mpqemu_mgmt.confine.launcher import LaunchedRemote, LaunchRequest, launch, profile_for
 from mpqemu_mgmt.confine.profile import ConfinementProfile
@@ -114,6 +113,12 @@ def start(tmp_path: Path) -> Iterator[Any]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(remote.pid, 0)
             pytest.fail(f"device pid {remote.pid} survived stop()")
+
+
+def device_python(remote: LaunchedRemote) -> str:
+    """The interpreter the launcher ran the device with: the test's own, or the staged copy's
+    when this checkout is not reachable by the remote's uid (confine/staging.py)."""
+    return remote.argv[remote.argv.index("-I") - 1]
 
 
 def _status(pid: int, task: int | None = None) -> dict[str, str]:
@@ -207,7 +212,7 @@ def test_proc_status_uid_and_namespaces(start: Any) -> None:
         assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
     assert probe.remote.confinement.to_dict()["seccomp"] == "enforce"
     assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:4] == [
-        sys.executable.encode(), b"-I", b"-m", PROBE.encode()]  # the device itself, not bwrap
+        device_python(probe.remote).encode(), b"-I", b"-m", PROBE.encode()]  # the device itself, not bwrap
     ids = probe("ids")["result"]
     assert ids["pid"] == 2 and ids["uid"] == probe.remote.confinement.uid  # no reaper tricks
 
@@ -261,8 +266,10 @@ def test_no_host_files(start: Any, tmp_path: Path, mode: str) -> None:
         assert probe("open", path=path) == {"ok": False, "errno": "ENOENT"}, path
     root = probe("listdir", path="/")
     if mode == "off":  # only the minimal root is there, plus the first component of each code bind
-        code = (Path(mpqemu_mgmt.__file__).resolve(), Path(sys.prefix).resolve(),
-                Path(sys.executable).resolve())  # wherever the checkout and venv live (CI: not /work)
+        # wherever the checkout and venv live (CI: not /work), or the staged copy (staging.py)
+        code = [Path(dst) for flag, _src, dst in zip(probe.remote.argv, probe.remote.argv[1:],
+                                                       probe.remote.argv[2:], strict=False)
+                if flag == "--ro-bind"]
         assert set(root["result"]) <= {"usr", "bin", "sbin", "lib", "lib64", "lib32", "libx32",
                                        "proc", "dev", "tmp", "etc"} | {p.parts[1] for p in code}
         assert "secret" not in " ".join(root["result"])

@@ -70,10 +70,15 @@ def test_a_checkout_in_a_0700_directory_runs_from_the_staged_copy(tmp_path: Path
     assert int(uid) != 0
 
 
-def test_a_reachable_checkout_is_not_staged() -> None:
-    from mpqemu_mgmt.confine.launcher import LaunchRequest, _with_reachable_code
+def test_only_an_unreachable_checkout_is_staged(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mpqemu_mgmt.confine import launcher
 
-    req = LaunchRequest("t0", "pci-testdev", Path("/tmp/x.qmp"))
-    # this checkout is reachable by "others" here (the suite's own confined tests run from it)
-    assert _with_reachable_code(req, (-1, -1)) is req
-    assert _with_reachable_code(req, None) is req  # no uid drop: nothing to reach
+    req = launcher.LaunchRequest("t0", "pci-testdev", Path("/tmp/x.qmp"))
+    monkeypatch.setattr(launcher, "_code_dirs", lambda _r: ["/usr/lib/python3", ""])
+    assert launcher._with_reachable_code(req, (-1, -1)) is req  # searchable by "others"
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    monkeypatch.setattr(launcher, "_code_dirs", lambda _r: ["/usr/lib/python3", str(hidden / "code")])
+    staged = launcher._with_reachable_code(req, (-1, -1))
+    assert staged.python == staging.staged_python() and staged.model == req.model
+    assert launcher._with_reachable_code(req, None) is req  # no uid drop: nothing to reach
